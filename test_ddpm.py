@@ -1,0 +1,458 @@
+"""The proof that ddpm.py is the papers' math. Identities are checked between two code paths, samplers
+against oracles, statistics with tolerances derived from the sample size. No network, no real MNIST:
+the CLI tests write tiny MNIST-format files of their own, so torchvision's real loading code runs."""
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings, strategies as st
+from PIL import Image
+
+import ddpm
+
+F64 = torch.float64
+kinds = st.sampled_from(["linear", "cosine"])
+
+
+def oracle_eps(x0, sched):
+    """The true noise for a fixed x_0: eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t), eq. (4)."""
+    def eps_model(xt, t):
+        ab = sched.alpha_bar[t].reshape(-1, *[1] * (xt.dim() - 1))
+        return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+    return eps_model
+
+
+def toy_eps(xt, t):
+    """A smooth model that depends on x and t, for properties that must hold for any eps_theta."""
+    return torch.tanh(xt) * (t.to(xt.dtype) / 1000).reshape(-1, *[1] * (xt.dim() - 1))
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+@settings(deadline=None, max_examples=60)
+@given(kind=kinds, T=st.integers(2, 2000))
+@example(kind="linear", T=1000)
+def test_schedule_identities(kind, T):
+    s = ddpm.make_schedule(kind, T)
+    ab = s.alpha_bar
+    assert s.beta.dtype == F64 and len(ab) == T + 1 and ab[0] == 1 and s.beta[0] == 0
+    assert (ab[1:] < ab[:-1]).all() and (ab[1:] > 0).all()  # strictly decreasing in (0, 1]
+    assert ab[T] < 1e-2  # the last step is (nearly) pure noise, where sampling starts
+    assert torch.allclose(s.alpha[1:] * (1 - ab[:-1]) + s.beta[1:], 1 - ab[1:], rtol=0, atol=1e-12)
+    assert (s.beta_tilde[1:] <= s.beta[1:] * (1 + 1e-12)).all()
+    assert s.beta_tilde[1] == 0  # q(x_0 | x_1, x_0) has no variance
+
+
+def test_linear_schedule_is_the_papers():
+    s = ddpm.make_schedule("linear", 1000)
+    np.testing.assert_allclose(s.beta[1:].numpy(), np.linspace(1e-4, 0.02, 1000), rtol=1e-12)
+    assert math.isclose(s.alpha_bar[1000].item(), math.prod(1 - b for b in np.linspace(1e-4, 0.02, 1000)),
+                        rel_tol=1e-9)
+
+
+@settings(deadline=None, max_examples=40)
+@given(T=st.integers(2, 2000))
+def test_cosine_alpha_bar_is_its_closed_form_where_beta_is_not_capped(T):
+    s = ddpm.make_schedule("cosine", T)
+    f = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
+    capped = (s.beta[1:] >= 0.999).nonzero()
+    last = capped[0].item() if len(capped) else T  # after the first capped beta, alpha_bar departs from f
+    for t in range(last + 1):
+        assert math.isclose(s.alpha_bar[t].item(), f[t] / f[0], rel_tol=1e-9, abs_tol=1e-15)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_gather_broadcasts_for_any_rank(rank):
+    a = torch.arange(11, dtype=F64) * 0.5
+    t = torch.tensor([3, 0, 10])
+    x = torch.zeros(3, *[2] * (rank - 1), dtype=torch.float32)
+    g = ddpm.gather(a, t, x)
+    assert g.shape == (3,) + (1,) * (rank - 1) and g.dtype == torch.float32
+    for i in range(3):
+        assert ((g * torch.ones_like(x))[i] == a[t[i]].item()).all()
+
+
+# -----------------------------------------------------------------------------
+# Forward process and posterior
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("t", [1, 250, 999])
+def test_q_sample_has_the_forward_marginal(kind, t):
+    s, N = ddpm.make_schedule(kind, 1000), 200_000
+    x0 = torch.tensor([-1.0, 0.3, 2.0], dtype=F64)
+    eps = torch.randn(N, 3, generator=torch.Generator().manual_seed(t), dtype=F64)
+    xt = ddpm.q_sample(x0.expand(N, 3), torch.full((N,), t), eps, s)
+    var = 1 - s.alpha_bar[t].item()
+    # 5 standard errors: sd of the mean is sqrt(var / N), of the sample variance var * sqrt(2 / N)
+    assert torch.allclose(xt.mean(0), s.alpha_bar[t].sqrt() * x0, atol=5 * math.sqrt(var / N))
+    assert torch.allclose(xt.var(0), torch.full((3,), var, dtype=F64), atol=5 * var * math.sqrt(2 / N))
+
+
+@settings(deadline=None, max_examples=60)
+@given(kind=kinds, T=st.integers(2, 1000), data=st.data())
+@example(kind="linear", T=1000, data=None)
+def test_posterior_mean_through_x0_equals_eq_11(kind, T, data):
+    s = ddpm.make_schedule(kind, T)
+    step = data.draw(st.integers(1, T)) if data else 1000
+    g = torch.Generator().manual_seed(step)
+    xt, eps = torch.randn(4, 1, 3, 3, generator=g, dtype=F64), torch.randn(4, 1, 3, 3, generator=g, dtype=F64)
+    t = torch.full((4,), step)
+    mean, var = ddpm.q_posterior(ddpm.predict_x0(xt, t, eps, s), xt, t, s)  # eqs. (15), (7)
+    eq11 = (xt - s.beta[step] / (1 - s.alpha_bar[step]).sqrt() * eps) / s.alpha[step].sqrt()
+    assert torch.allclose(mean, eq11, rtol=1e-9, atol=1e-9 / s.alpha_bar[step].sqrt().item())
+    assert (var == s.beta_tilde[step]).all()
+
+
+def test_ddpm_sampler_routes_agree_along_a_trajectory():
+    """Algorithm 2 line 4 (eq. 11) and the clip route (x0_hat, then eq. 7) give the same x_{t-1} at every
+    step when nothing needs clipping."""
+    s = ddpm.make_schedule("linear", 200)
+    x0 = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64) * 1.8 - 0.9
+    x_T = torch.randn(3, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    runs = [ddpm.sample_ddpm(oracle_eps(x0, s), s, x0.shape, torch.Generator().manual_seed(2), clip_x0=c,
+                             x_T=x_T, trajectory=True)[1] for c in (False, True)]
+    assert len(runs[0]) == 201
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# Samplers
+
+
+@settings(deadline=None, max_examples=40)
+@given(kind=kinds, T=st.integers(2, 1000))
+@example(kind="linear", T=1000)
+def test_ddim_eta_1_on_the_full_grid_has_the_posterior_variance(kind, T):
+    s = ddpm.make_schedule(kind, T)
+    assert ddpm.ddim_timesteps(T, T) == list(range(T, 0, -1))
+    for t in range(1, T + 1):
+        assert math.isclose(ddpm.ddim_sigma(s, t, t - 1, 1.0).item() ** 2, s.beta_tilde[t].item(),
+                            rel_tol=1e-9, abs_tol=1e-15)
+
+
+@settings(deadline=None, max_examples=80)
+@given(T=st.integers(1, 2000), data=st.data())
+def test_ddim_timesteps(T, data):
+    steps = data.draw(st.integers(1, T))
+    taus = ddpm.ddim_timesteps(T, steps)
+    assert len(taus) == steps and taus[0] == T and all(a > b for a, b in zip(taus, taus[1:]))
+    assert taus[-1] == (1 if steps > 1 else T)
+
+
+@settings(deadline=None, max_examples=30)
+@given(T=st.integers(1, 300), eta=st.sampled_from([0.0, 0.5, 1.0]), data=st.data())
+def test_ddim_makes_exactly_steps_model_calls(T, eta, data):
+    steps, calls = data.draw(st.integers(1, T)), []
+    s = ddpm.make_schedule("linear", max(T, 2))
+
+    def counting(xt, t):
+        calls.append(t[0].item())
+        return toy_eps(xt, t)
+    ddpm.sample_ddim(counting, s, (2, 3), steps=steps, eta=eta, generator=torch.Generator().manual_seed(0))
+    assert calls == ddpm.ddim_timesteps(s.T, steps)
+
+
+def test_ddim_eta_0_is_deterministic_given_x_T():
+    s = ddpm.make_schedule("cosine", 100)
+    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    a = ddpm.sample_ddim(toy_eps, s, x_T.shape, 20, 0.0, torch.Generator().manual_seed(1), x_T=x_T)
+    b = ddpm.sample_ddim(toy_eps, s, x_T.shape, 20, 0.0, torch.Generator().manual_seed(2), x_T=x_T)
+    c = ddpm.sample_ddim(toy_eps, s, x_T.shape, 20, 1.0, torch.Generator().manual_seed(2), x_T=x_T)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@settings(deadline=None, max_examples=30)
+@given(kind=kinds, T=st.integers(2, 300), sigma2=st.sampled_from(["beta_tilde", "beta"]), seed=st.integers(0, 99))
+@example(kind="linear", T=1000, sigma2="beta_tilde", seed=0)
+def test_ddpm_with_the_true_noise_returns_x0(kind, T, sigma2, seed):
+    s, g = ddpm.make_schedule(kind, T), torch.Generator().manual_seed(seed)
+    x0 = torch.randn(3, 1, 4, 4, generator=g, dtype=F64) * 2  # outside [-1, 1]: no clipping is needed
+    x_T = torch.randn(x0.shape, generator=g, dtype=F64)
+    out = ddpm.sample_ddpm(oracle_eps(x0, s), s, x0.shape, g, sigma2=sigma2, x_T=x_T)
+    assert torch.allclose(out, x0, atol=1e-9, rtol=0)
+    clipped = ddpm.sample_ddpm(oracle_eps(x0, s), s, x0.shape, g, sigma2=sigma2, clip_x0=True, x_T=x_T)
+    assert torch.allclose(clipped, x0.clamp(-1, 1), atol=1e-9, rtol=0)
+
+
+@settings(deadline=None, max_examples=40)
+@given(kind=kinds, T=st.integers(2, 1000), eta=st.sampled_from([0.0, 0.3, 1.0]), data=st.data())
+@example(kind="linear", T=1000, eta=0.0, data=None)
+def test_ddim_with_the_true_noise_returns_x0(kind, T, eta, data):
+    s, g = ddpm.make_schedule(kind, T), torch.Generator().manual_seed(T)
+    steps = data.draw(st.integers(1, T)) if data else 50
+    x0 = torch.randn(3, 2, 4, generator=g, dtype=F64) * 2
+    x_T = torch.randn(x0.shape, generator=g, dtype=F64)
+    # the last update divides by sqrt(alpha_bar) at the last tau: float64 rounding grows by that factor
+    atol = 1e-12 / s.alpha_bar[ddpm.ddim_timesteps(T, steps)[-1]].sqrt().item()
+    out = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, steps, eta, g, x_T=x_T)
+    assert torch.allclose(out, x0, atol=atol, rtol=0)
+    clipped = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, steps, eta, g, clip_x0=True, x_T=x_T)
+    assert torch.allclose(clipped, x0.clamp(-1, 1), atol=atol, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# Loss (Algorithm 1)
+
+
+def test_loss_of_the_oracle_is_zero_and_of_the_zero_model_is_one():
+    s = ddpm.make_schedule("linear", 1000)
+    x0 = torch.rand(4096, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64) * 2 - 1
+    g = torch.Generator().manual_seed(1)
+    assert ddpm.loss_fn(oracle_eps(x0, s), x0, s, g).item() < 1e-20
+    n = x0.numel()  # mean of n squared standard normals: 1 +- sqrt(2 / n)
+    assert abs(ddpm.loss_fn(lambda xt, t: torch.zeros_like(xt), x0, s, g).item() - 1) < 5 * math.sqrt(2 / n)
+
+
+def test_loss_draws_t_uniformly_from_1_to_T():
+    T, N, seen = 5, 50_000, []
+    s = ddpm.make_schedule("linear", T)
+
+    def record(xt, t):
+        seen.append(t)
+        return torch.zeros_like(xt)
+    ddpm.loss_fn(record, torch.zeros(N, 1), s, torch.Generator().manual_seed(0))
+    counts = torch.bincount(seen[0], minlength=T + 2).tolist()
+    assert counts[0] == 0 and counts[T + 1] == 0  # t = 0 is data, not a step; T is trained
+    sd = math.sqrt(N * (1 / T) * (1 - 1 / T))
+    assert all(abs(c - N / T) < 5 * sd for c in counts[1:T + 1])
+
+
+# -----------------------------------------------------------------------------
+# Network and EMA
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (8, 12), (16, 4)])
+@pytest.mark.parametrize("in_ch", [1, 3])
+def test_unet_keeps_the_shape(hw, in_ch):
+    model = ddpm.UNet(in_ch, ch=8, ch_mult=(1, 2, 2), n_res=1)
+    x = torch.randn(2, in_ch, *hw)
+    assert model(x, torch.tensor([1, 1000])).shape == x.shape
+
+
+def test_unet_uses_each_samples_own_t():
+    torch.manual_seed(0)
+    model = ddpm.UNet(1, ch=8, ch_mult=(1, 2), n_res=1).eval()
+    x = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        both = model(x, torch.tensor([1, 700]))
+        assert (both[0] - both[1]).abs().max() > 1e-3  # same x, different t: different eps
+        assert torch.allclose(both[1:], model(x[1:], torch.tensor([700])), atol=1e-5)
+
+
+def test_ema_of_constant_weights_stays_constant():
+    model = ddpm.UNet(1, ch=8, ch_mult=(1,), n_res=1)
+    ema = ddpm.EMA(model, 0.999)
+    for _ in range(50):
+        ema.update(model)
+    assert all(torch.equal(e, p) for e, p in zip(ema.model.parameters(), model.parameters()))
+
+
+def test_ema_warm_up_follows_its_closed_form():
+    """With EMA weights 0 and model weights 1, k updates give 1 - prod_{n<k} d_n, and the warm-up product
+    prod (1 + n) / (10 + n) telescopes to 1 / C(k + 9, 9)."""
+    model = ddpm.UNet(1, ch=8, ch_mult=(1,), n_res=1)
+    ema = ddpm.EMA(model, 0.9999)
+    with torch.no_grad():
+        for e, p in zip(ema.model.parameters(), model.parameters()):
+            e.zero_(), p.fill_(1)
+    for k in range(1, 31):
+        ema.update(model)
+        w = next(ema.model.parameters())
+        assert torch.allclose(w, torch.full_like(w, 1 - 1 / math.comb(k + 9, 9)), atol=1e-6)
+    ema.n, ema.decay = 10_000, 0.9  # long after warm-up, the decay is the one asked for
+    with torch.no_grad():
+        for e in ema.model.parameters():
+            e.zero_()
+    ema.update(model)
+    assert torch.allclose(next(ema.model.parameters()), torch.tensor(0.1), atol=1e-6)
+
+
+def test_a_non_finite_loss_skips_the_update():
+    model = ddpm.UNet(1, ch=8, ch_mult=(1,), n_res=1)
+    ema, opt = ddpm.EMA(model, 0.999), torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = [p.clone() for p in model.parameters()] + [e.clone() for e in ema.model.parameters()]
+    x0 = torch.zeros(2, 1, 8, 8)
+    x0[0, 0, 0, 0] = float("nan")
+    assert ddpm.train_step(model, ema, opt, x0, ddpm.make_schedule("linear", 10), None) is None
+    after = list(model.parameters()) + list(ema.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and ema.n == 0
+    assert ddpm.train_step(model, ema, opt, torch.zeros(2, 1, 8, 8), ddpm.make_schedule("linear", 10), None)
+    assert not torch.equal(before[0], next(model.parameters()))  # a finite batch does update
+
+
+# -----------------------------------------------------------------------------
+# Data and files
+
+
+def write_mnist(root, n=48, seed=0):
+    """Tiny MNIST in the original IDX format, where torchvision looks for it: root/MNIST/raw."""
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    images = torch.randint(0, 256, (n, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    for split in ("train", "t10k"):
+        with open(os.path.join(raw, f"{split}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
+        with open(os.path.join(raw, f"{split}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + bytes(i % 10 for i in range(n)))
+    return images
+
+
+def test_mnist_is_padded_not_resized_and_scaled_to_minus_one_one(tmp_path):
+    images = write_mnist(tmp_path)
+    data = ddpm.load_mnist(str(tmp_path))
+    assert data.shape == (48, 1, 32, 32) and data.dtype == torch.uint8
+    assert torch.equal(data[:, 0, 2:30, 2:30], images) and data[:, :, :2].sum() == 0 and data[..., 30:].sum() == 0
+    pixels = torch.arange(256, dtype=torch.uint8)
+    x = ddpm.to_model_range(pixels)
+    assert x[0] == -1 and x[255] == 1 and torch.equal(ddpm.to_pixels(x), pixels)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"previous checkpoint")
+
+    def crash(f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ddpm.atomic_write(str(path), crash)
+    assert path.read_bytes() == b"previous checkpoint" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# -----------------------------------------------------------------------------
+# Command line, end to end on tiny data
+
+TINY = ["--ch", "8", "--ch-mult", "1,2", "--n-res", "1", "--T", "20", "--batch-size", "16", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    write_mnist(d)
+    ckpt = str(d / "ckpt.pt")
+    assert ddpm.main(["train", "--data-dir", str(d), "--steps", "3", "--out", ckpt] + TINY) == 0
+    return d, ckpt
+
+
+def test_train_writes_a_checkpoint_that_weights_only_load_reads(trained):
+    d, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 3 and state["config"]["model"]["ch"] == 8 and state["config"]["data_shape"] == [1, 32, 32]
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    write_mnist(tmp_path)
+    run = ["train", "--data-dir", str(tmp_path), "--save-every", "2"] + TINY
+    assert ddpm.main(run + ["--steps", "5", "--out", str(tmp_path / "straight.pt")]) == 0
+    assert ddpm.main(run + ["--steps", "2", "--out", str(tmp_path / "split.pt")]) == 0
+    assert ddpm.main(run + ["--steps", "5", "--out", str(tmp_path / "split.pt"),
+                            "--resume", str(tmp_path / "split.pt")]) == 0
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "split.pt"))
+    assert a["step"] == b["step"] == 5  # 48 images / 16 = 3 steps an epoch: the resume crosses an epoch
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert torch.equal(a["rng"], b["rng"])
+
+
+def test_sample_writes_png_npz_and_gif(trained):
+    d, ckpt = trained
+    for ext in ("png", "npz", "gif"):
+        assert ddpm.main(["sample", "--ckpt", ckpt, "--sampler", "ddim", "--n", "6", "--out", str(d / f"s.{ext}")]) == 0
+    png, images = Image.open(d / "s.png"), np.load(d / "s.npz")["images"]
+    assert png.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px, 2 px padding
+    assert images.shape == (6, 1, 32, 32) and images.dtype == np.uint8
+    assert np.array_equal(np.asarray(png)[2:34, 2:34], images[0, 0])  # the same samples in both files
+    gif = Image.open(d / "s.gif")
+    first = np.asarray(gif.convert("L"))
+    gif.seek(gif.n_frames - 1)  # the animation starts from noise and ends on the samples
+    assert np.array_equal(np.asarray(gif.convert("L")), np.asarray(png)) and not np.array_equal(first, np.asarray(png))
+
+
+def test_same_seed_gives_the_same_file(trained):
+    d, ckpt = trained
+    files = []
+    for i, seed in enumerate(["1", "1", "2"]):
+        files.append(str(d / f"seed{i}.png"))
+        assert ddpm.main(["sample", "--ckpt", ckpt, "--sampler", "ddim", "--eta", "1", "--n", "4",
+                          "--seed", seed, "--out", files[-1]]) == 0
+    data = [open(f, "rb").read() for f in files]
+    assert data[0] == data[1] and data[0] != data[2]
+
+
+def bad_checkpoints(d, ckpt):
+    (d / "corrupt.pt").write_bytes(b"not a checkpoint")
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["model"]["ch"] = 16  # claims another architecture than its weights
+    torch.save(state, d / "other_arch.pt")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--ckpt", "{d}/missing.pt"], "no checkpoint at"),
+    (["sample", "--ckpt", "{d}/corrupt.pt"], "not a readable ddpm.py checkpoint"),
+    (["sample", "--ckpt", "{d}/other_arch.pt"], "do not fit the architecture"),
+    (["sample", "--sampler", "ddim", "--steps", "0"], "--steps must be at least 1"),
+    (["sample", "--sampler", "ddim", "--steps", "21"], "--steps 21"),
+    (["sample", "--sampler", "ddpm", "--steps", "5"], "always takes T"),
+    (["sample", "--eta", "-0.5"], "--eta -0.5: DDIM's eta"),
+    (["sample", "--eta", "1.5"], "--eta 1.5: DDIM's eta"),
+    (["sample", "--n", "0"], "--n must be at least 1"),
+    (["sample", "--out", "{d}/no/such/folder/x.png"], "not a writable folder"),
+    (["sample", "--out", "{d}/keep.jpg"], "use .png"),
+    (["train", "--resume", "{d}/corrupt.pt", "--out", "{d}/keep.png"], "not a readable"),
+    (["train", "--T", "1", "--out", "{d}/keep.png"], "--T must be at least 2"),
+])
+def test_bad_input_is_one_line_and_overwrites_nothing(trained, capsys, args, message):
+    d, ckpt = trained
+    bad_checkpoints(d, ckpt)
+    (d / "keep.png").write_bytes(b"precious")
+    args = [a.format(d=d) for a in args]
+    if args[0] == "sample":
+        args += ["--ckpt", ckpt] if "--ckpt" not in args else []
+        args += ["--out", str(d / "keep.png")] if "--out" not in args else []
+    assert ddpm.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (d / "keep.png").read_bytes() == b"precious"
+
+
+def test_mnist_absent_and_no_network_names_the_flag(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried ..., got: <urlopen error>")
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    assert ddpm.main(["train", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_sampler_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        ddpm.main(["sample", "--sampler", "euler"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+    """A preempted job: SIGTERM mid-run ends the step, saves, and exits 128 + 15."""
+    write_mnist(tmp_path)
+    out = tmp_path / "ckpt.pt"
+    proc = subprocess.Popen([sys.executable, ddpm.__file__, "train", "--data-dir", str(tmp_path),
+                             "--steps", "100000", "--out", str(out)] + TINY,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err
+    assert 2 <= torch.load(out, weights_only=True)["step"] < 100000
