@@ -129,6 +129,18 @@ def test_ddpm_sampler_routes_agree_along_a_trajectory():
 # Samplers
 
 
+@pytest.mark.parametrize("sigma2", ["beta_tilde", "beta"])
+def test_ddpm_first_step_adds_noise_of_variance_sigma_T_squared(sigma2):
+    """From x_T = 0 with eps_theta = 0, Algorithm 2's first step gives x_{T-1} = sigma_T z. The cosine
+    schedule with T = 5 has sigma_4^2 and sigma_5^2 far apart (0.53 / 0.91 for beta_tilde, 0.72 / 0.999
+    for beta), so taking the wrong step's variance fails."""
+    s, N = ddpm.make_schedule("cosine", 5), 100_000
+    _, xs = ddpm.sample_ddpm(lambda xt, t: torch.zeros_like(xt), s, (N, 1), torch.Generator().manual_seed(0),
+                             sigma2=sigma2, x_T=torch.zeros(N, 1, dtype=F64), trajectory=True)
+    var = getattr(s, sigma2)[5].item()
+    assert abs(xs[1].var().item() - var) < 5 * var * math.sqrt(2 / N)
+
+
 @settings(deadline=None, max_examples=40)
 @given(kind=kinds, T=st.integers(2, 1000))
 @example(kind="linear", T=1000)
@@ -456,3 +468,99 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err
     assert 2 <= torch.load(out, weights_only=True)["step"] < 100000
+
+
+# -----------------------------------------------------------------------------
+# Samplers end to end, against data whose optimal noise predictor is known in closed form
+
+
+def gaussian_eps(mu, s, sched):
+    """For data N(mu, s^2 I): E[x_0 | x_t] is linear in x_t, so eps*(x_t, t) is closed form:
+    sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab)."""
+    def eps_model(xt, t):
+        ab = sched.alpha_bar[t].reshape(-1, *[1] * (xt.dim() - 1))
+        return (1 - ab).sqrt() * (xt - ab.sqrt() * mu) / (ab * s ** 2 + 1 - ab)
+    return eps_model
+
+
+POINTS = torch.tensor([[-0.8, -0.6], [0.7, -0.2], [0.0, 0.9]], dtype=F64)
+WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+
+
+def points_eps(sched):
+    """For data that is POINTS with probabilities WEIGHTS: E[x_0 | x_t] is the softmax-weighted mean of the
+    points, with logits log w_k - |x_t - sqrt(ab) p_k|^2 / (2 (1 - ab))."""
+    def eps_model(xt, t):
+        ab = sched.alpha_bar[t][:, None]
+        logits = WEIGHTS.log() - ((xt[:, None, :] - ab[:, None].sqrt() * POINTS) ** 2).sum(-1) / (2 * (1 - ab))
+        return (xt - ab.sqrt() * (logits.softmax(-1) @ POINTS)) / (1 - ab).sqrt()
+    return eps_model
+
+
+def moments_ok(x, mu, s, var_allowance):
+    """Sample mean and variance of N scalars against N(mu, s^2): 5 standard errors (s / sqrt(N) for the
+    mean, s^2 sqrt(2 / N) for the variance) plus the sampler's own discretisation allowance."""
+    N = x.numel()
+    return (abs(x.mean().item() - mu) < 5 * s / math.sqrt(N)
+            and abs(x.var().item() / s ** 2 - 1) < 5 * math.sqrt(2 / N) + var_allowance)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("sigma2", ["beta_tilde", "beta"])
+def test_ddpm_turns_noise_into_gaussian_data(kind, sigma2):
+    """Algorithm 2 with the optimal eps has the data's mean and variance. Its own error at T = 1000 was
+    measured at -2.2% of the variance (beta_tilde) and +0.6% (beta), so 3% is allowed on top of 5 SE."""
+    s = ddpm.make_schedule(kind, 1000)
+    g = torch.Generator().manual_seed(0)
+    x = ddpm.sample_ddpm(gaussian_eps(0.5, 0.3, s), s, (100_000, 1), g, sigma2=sigma2,
+                         x_T=torch.randn(100_000, 1, generator=g, dtype=F64))
+    assert moments_ok(x, 0.5, 0.3, 0.03)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ddim_error_shrinks_as_steps_grow(kind):
+    """Deterministic DDIM from the same x_T: the variance error is first order in the step size. Measured
+    with these data (s = 0.3): -64% at 10 steps, -16% at 50, -0.9% at 1000 (linear); cosine about half.
+    The test asks for a strictly shrinking error, within 10 / steps, and the right mean at every count."""
+    s, N = ddpm.make_schedule(kind, 1000), 50_000
+    x_T = torch.randn(N, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    errors = []
+    for steps in (10, 20, 50, 100, 1000):
+        x = ddpm.sample_ddim(gaussian_eps(0.5, 0.3, s), s, (N, 1), steps, 0.0, x_T=x_T)
+        assert moments_ok(x, 0.5, 0.3, 10 / steps)
+        errors.append(abs(x.var().item() / 0.3 ** 2 - 1))
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 0.02
+
+
+@settings(deadline=None, max_examples=10)
+@given(mu=st.floats(-1, 1), s=st.floats(0.5, 1.0), T=st.integers(300, 1000), eta=st.sampled_from([0.0, 1.0]))
+def test_ddim_on_the_full_grid_matches_gaussian_data(mu, s, T, eta):
+    """DDIM with steps = T, any mean, spread and T in these ranges. The sampler's own variance error grows
+    as s or T shrink; measured with N = 200,000 (linear schedule, eta = 0 / 1): T = 300, s = 0.5:
+    -1.9% / -4.9%; T = 1000, s = 1: -0.3% / -0.8%; outside the ranges it reaches -36% (T = 100, s = 0.1,
+    eta = 1). So 6% (the worst corner, -4.9%, plus a margin) is allowed on top of 5 SE."""
+    sched, N = ddpm.make_schedule("linear", T), 20_000
+    g = torch.Generator().manual_seed(0)
+    x = ddpm.sample_ddim(gaussian_eps(mu, s, sched), sched, (N, 1), T, eta, g,
+                         x_T=torch.randn(N, 1, generator=g, dtype=F64))
+    assert moments_ok(x, mu, s, 0.06)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm beta_tilde", "ddpm beta", "ddim 50 0", "ddim 50 1", "ddim 100 0"])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_samples_land_on_the_data_points_with_their_frequencies(sampler, kind):
+    """Data that is three points with probabilities 0.5, 0.3, 0.2: every sample lands on a point (noise
+    added at the last step, or a final x_1 returned instead of x_0, would leave it ~0.01 away) and each
+    point's share is within 5 binomial standard errors."""
+    s, N = ddpm.make_schedule(kind, 1000), 20_000
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(N, 2, generator=g, dtype=F64)
+    name, *opts = sampler.split()
+    if name == "ddpm":
+        x = ddpm.sample_ddpm(points_eps(s), s, (N, 2), g, sigma2=opts[0], x_T=x_T)
+    else:
+        x = ddpm.sample_ddim(points_eps(s), s, (N, 2), int(opts[0]), float(opts[1]), g, x_T=x_T)
+    dist, nearest = torch.cdist(x, POINTS).min(1)
+    assert dist.max() < 1e-6
+    share = torch.bincount(nearest, minlength=3) / N
+    assert (share - WEIGHTS).abs().lt(5 * (WEIGHTS * (1 - WEIGHTS) / N).sqrt()).all()
