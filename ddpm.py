@@ -2,9 +2,7 @@
 ddpm.py: Denoising Diffusion Probabilistic Models in one file, to read next to the papers:
   DDPM  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
   DDIM  Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502
-It follows the paper: schedule and forward process (eqs. 2, 4), posterior (eqs. 6-7), loss (eq. 14,
-Algorithm 1), samplers (Algorithm 2; DDIM eqs. 12, 16), then the epsilon-network, data, training loop
-and command line. Equation numbers are DDPM's unless marked DDIM.
+Sections follow the papers, then the networks, data, training and CLI; eq. numbers are DDPM's unless "DDIM".
 
     python ddpm.py train --epochs 30          # Algorithm 1 on MNIST, writes ckpt.pt
     python ddpm.py sample --sampler ddim      # DDIM, 50 steps, writes sample.png
@@ -29,21 +27,15 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-# -----------------------------------------------------------------------------
-# Noise schedule and forward process q(x_t | x_0)
+# --- Noise schedule and forward process q(x_t | x_0) --------------------------------------------------------
 
 @dataclass
-class Schedule:
+class Schedule:  # float64 on the CPU; gather() moves the few values a batch needs to its device
     T: int
     beta: torch.Tensor        # (T+1,) variance added at step t, eq. (2); beta[0] = 0
     alpha: torch.Tensor       # 1 - beta
     alpha_bar: torch.Tensor   # prod_{s<=t} alpha_s, eq. (4); alpha_bar[0] = 1
     beta_tilde: torch.Tensor  # posterior variance of q(x_{t-1} | x_t, x_0), eq. (7); beta_tilde[1] = 0
-
-    def to(self, device):
-        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # mps has no float64
-        return Schedule(self.T, *(v.to(device, dtype) for v in (self.beta, self.alpha, self.alpha_bar,
-                                                                  self.beta_tilde)))
 
 def make_schedule(kind, T):
     """Every per-step constant, computed once in float64."""
@@ -51,8 +43,7 @@ def make_schedule(kind, T):
         # sum(beta) and so alpha_bar_T ~ exp(-10) for large T; small T cap at 0.999 and end even nearer 0
         beta = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
     elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. (17): alpha_bar from f(t) = cos^2(...)
-        s = 0.008
-        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
         beta = 1 - f[1:] / f[:-1]
     else:
         raise ValueError(f"unknown schedule {kind!r}")
@@ -65,7 +56,7 @@ def make_schedule(kind, T):
 
 def gather(a, t, x):
     """a[t] for each sample in the batch, shaped (B, 1, ..., 1) to broadcast against x of any rank."""
-    return a.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return a[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 def q_sample(x0, t, eps, sched):
     """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. (4)."""
@@ -83,8 +74,7 @@ def q_posterior(x0, xt, t, sched):
             + gather(sched.alpha, t, xt).sqrt() * (1 - ab_prev) * xt) / (1 - ab)
     return mean, gather(sched.beta_tilde, t, xt)
 
-# -----------------------------------------------------------------------------
-# Training objective (Algorithm 1)
+# --- Training objective (Algorithm 1) -----------------------------------------------------------------------
 
 def randn_like(x, generator):
     """z ~ N(0, I) from the caller's generator, so that one seed fixes every sample."""
@@ -96,15 +86,12 @@ def loss_fn(eps_model, x0, sched, generator=None):
     eps = randn_like(x0, generator)
     return F.mse_loss(eps_model(q_sample(x0, t, eps, sched), t).float(), eps.float())
 
-# -----------------------------------------------------------------------------
-# Sampling: Algorithm 2 (DDPM) and DDIM. Both take any eps_model(x_t, t) -> eps, so tests can pass oracles.
+# --- Sampling: Algorithm 2 (DDPM) and DDIM ------------------------------------------------------------------
+# Both take any eps_model(x_t, t) -> eps, so tests can pass oracles.
 
 @torch.no_grad()
-def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", clip_x0=False,
-                x_T=None, trajectory=False):
-    """Algorithm 2. sigma2 = "beta_tilde" or "beta": the two choices of sigma_t^2 in Section 3.2.
-    clip_x0 instead clamps x0_hat (eq. 15) to [-1, 1] and takes the posterior mean (eq. 7): the same
-    mean as line 4 when nothing is clipped (a test shows it), the route of Ho et al.'s released code."""
+def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_T=None, trajectory=False):
+    """Algorithm 2. sigma2 = "beta_tilde" or "beta": the two choices of sigma_t^2 in Section 3.2."""
     device = getattr(generator, "device", None)
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # line 1
     xs = [x]
@@ -114,18 +101,14 @@ def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", cl
         # line 3: no noise at the last step, otherwise every sample keeps sigma_1 * z of noise
         z = randn_like(x, generator) if step > 1 else 0
         eps = eps_model(x, t).to(x.dtype)
-        if clip_x0:
-            mean, _ = q_posterior(predict_x0(x, t, eps, sched).clamp(-1, 1), x, t, sched)
-        else:  # line 4, i.e. eq. (11)
-            mean = (x - sched.beta[step] / (1 - sched.alpha_bar[step]).sqrt() * eps) \
-                / sched.alpha[step].sqrt()
-        x = mean + var[step].sqrt() * z
+        mean = (x - sched.beta[step] / (1 - sched.alpha_bar[step]).sqrt() * eps) / sched.alpha[step].sqrt()
+        x = mean + var[step].sqrt() * z  # line 4
         xs.append(x)
     return (x, xs) if trajectory else x  # line 6
 
 def ddim_timesteps(T, steps):
-    """The DDIM sub-sequence tau: `steps` distinct integers from T down to 1 (T alone when steps = 1).
-    Rounding linspace keeps them distinct because their spacing (T-1)/(steps-1) is at least 1."""
+    """DDIM's sub-sequence tau: `steps` distinct integers from T to 1 (linspace spacing >= 1, so rounding
+    cannot merge two; steps = 1 gives T alone)."""
     return torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
 
 def ddim_sigma(sched, t, t_prev, eta):
@@ -134,8 +117,7 @@ def ddim_sigma(sched, t, t_prev, eta):
     return eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
 
 @torch.no_grad()
-def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, clip_x0=False,
-                x_T=None, trajectory=False):
+def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=None, trajectory=False):
     """DDIM eq. (12) on ddim_timesteps(T, steps): exactly `steps` network calls. The last update goes
     to t_prev = 0, where alpha_bar = 1 and sigma = 0, so it returns x0_hat: x_0 with no special case."""
     device = getattr(generator, "device", None)
@@ -146,17 +128,14 @@ def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, clip
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         eps = eps_model(x, t).to(x.dtype)
         x0_hat = predict_x0(x, t, eps, sched)
-        if clip_x0:  # optional: keep x0_hat in the data range, and make eps agree with the clipped x0_hat
-            x0_hat = x0_hat.clamp(-1, 1)
-            eps = (x - sched.alpha_bar[step].sqrt() * x0_hat) / (1 - sched.alpha_bar[step]).sqrt()
         ab_prev, sigma = sched.alpha_bar[step_prev], ddim_sigma(sched, step, step_prev, eta)
         z = randn_like(x, generator) if eta > 0 else 0
         x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).sqrt() * eps + sigma * z  # eq. (12)
         xs.append(x)
     return (x, xs) if trajectory else x
 
-# -----------------------------------------------------------------------------
-# The epsilon-network. Any R^n -> R^n model that also takes t works; this is a small version of the
+# --- The epsilon-network ------------------------------------------------------------------------------------
+# Any R^n -> R^n model that also takes t works; this is a small version of the
 # U-Net of Ho et al. (Appendix B): residual blocks, GroupNorm, sinusoidal time embedding, attention.
 
 def timestep_embedding(t, dim):
@@ -177,7 +156,6 @@ class ResBlock(nn.Module):
         self.t_proj = nn.Linear(t_dim, c_out)  # the time embedding enters as a per-channel bias
         self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.t_proj(emb)[:, :, None, None]  # (B, c_out, H, W)
         h = self.conv2(F.silu(self.norm2(h)))
@@ -188,7 +166,6 @@ class Attention(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
-
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
@@ -200,7 +177,7 @@ class UNet(nn.Module):
     the input's shape for any H, W divisible by 2^(len(ch_mult) - 1)."""
     def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2):
         super().__init__()
-        self.config = dict(in_ch=in_ch, ch=ch, ch_mult=list(ch_mult), n_res=n_res)  # saved in checkpoints
+        self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res)  # saved in checkpoints
         t_dim, widths = 4 * ch, [ch * m for m in ch_mult]
         self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
@@ -218,7 +195,6 @@ class UNet(nn.Module):
                                  if i > 0 else nn.Identity())
             c = w
         self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, in_ch, 3, padding=1)
-
     def forward(self, x, t):
         emb = self.time_mlp(timestep_embedding(t, self.config["ch"]))
         h, skips = self.conv_in(x), []
@@ -235,13 +211,30 @@ class UNet(nn.Module):
             h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
+class MLP(nn.Module):
+    """eps_theta for points in R^dim (the swiss roll): residual blocks of width 4 * ch, the time embedding
+    entering every block as a bias like in ResBlock. Fed only at the input, t was learned far worse."""
+    def __init__(self, dim=2, ch=32, n_res=3):
+        super().__init__()
+        self.config, w = dict(ch=ch, n_res=n_res), 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, w), nn.SiLU(), nn.Linear(w, w))
+        self.x_in, self.x_out = nn.Linear(dim, w), nn.Linear(w, dim)
+        self.blocks = nn.ModuleList(nn.ModuleList(nn.Linear(w, w) for _ in range(3)) for _ in range(n_res))
+    def forward(self, x, t):
+        emb, h = self.time_mlp(timestep_embedding(t, self.config["ch"])), self.x_in(x)  # (B, w)
+        for lin1, t_proj, lin2 in self.blocks:
+            h = h + lin2(F.silu(lin1(F.silu(h)) + t_proj(emb)))
+        return self.x_out(F.silu(h))
+
+def make_net(data_shape, ch, ch_mult=(1, 2, 2), n_res=2):  # points (dim,): the MLP; images (C, H, W): U-Net
+    return MLP(data_shape[0], ch, n_res) if len(data_shape) == 1 else UNet(data_shape[0], ch, ch_mult, n_res)
+
 class EMA:
     """Exponential moving average of the weights, the model we sample from. The decay warms up as
     min(decay, (1 + n) / (10 + n)) after n updates, so a short run's EMA is not mostly the random init."""
     def __init__(self, model, decay):
         self.decay, self.n = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
     @torch.no_grad()
     def update(self, model):
         d = min(self.decay, (1 + self.n) / (10 + self.n))
@@ -249,20 +242,33 @@ class EMA:
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p, 1 - d)  # e = d * e + (1 - d) * p
 
-# -----------------------------------------------------------------------------
-# Data: MNIST as one uint8 tensor, scaled to [-1, 1] like the paper's data (Section 4)
+# --- Data: MNIST as one uint8 tensor, scaled to [-1, 1] like the paper's data (Section 4); the swiss roll ---
 
 class UserError(Exception):
     """A mistake the user can fix: main() prints it as one line and exits non-zero."""
 
-def to_model_range(pixels):
-    return pixels.float() / 127.5 - 1  # uint8 0..255 -> [-1, 1]
+def to_model_range(x):
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # uint8 0..255 -> [-1, 1]; points: as is
 
 def to_pixels(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> uint8 0..255
 
-def load_mnist(data_dir):
-    """The 60,000 training digits as (N, 1, 32, 32) uint8, padded 28 -> 32 (resizing would blur strokes)."""
+def make_swissroll(n, generator):
+    """The 2-D toy data of Sohl-Dickstein et al. 2015 (Fig. 1): (n, 2) points on a spiral in [-1.5, 1.5]^2."""
+    u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
+    return (torch.stack([u * u.cos(), u * u.sin()], dim=1) / 10).float()
+
+def sliced_wasserstein(x, y, generator, n_dirs=256):
+    """Distance between two point sets of equal size. In 1-D, W2 matches the sorted samples in order; here
+    both sets are projected on n_dirs random directions and the 1-D W2^2 averaged, then square-rooted.
+    0 for one set against itself; two samples of one distribution differ by sampling noise ~ n^-1/2."""
+    d = F.normalize(torch.randn(x.shape[1], n_dirs, generator=generator, dtype=x.dtype), dim=0)
+    return ((x @ d).sort(0).values - (y @ d).sort(0).values).pow(2).mean().sqrt().item()
+
+def load_data(dataset, data_dir, seed=0):
+    """(N, 2) float points, or the 60,000 MNIST digits as (N, 1, 32, 32) uint8, padded (resizing blurs)."""
+    if dataset == "swissroll":
+        return make_swissroll(100_000, torch.Generator().manual_seed(seed))
     try:
         data = torchvision.datasets.MNIST(data_dir, train=True, download=True).data
     except Exception as e:  # torchvision raises RuntimeError or URLError when it cannot download
@@ -270,8 +276,7 @@ def load_mnist(data_dir):
                         "pass --data-dir with a folder holding MNIST/raw") from None
     return F.pad(data, (2, 2, 2, 2)).unsqueeze(1)
 
-# -----------------------------------------------------------------------------
-# Files: checkpoints and images, every one written atomically
+# --- Files: checkpoints and images, every one written atomically --------------------------------------------
 
 def atomic_write(path, write):
     """write(f) to a temporary file, then rename it over path: a crash midway leaves the old file intact."""
@@ -290,13 +295,12 @@ def check_writable(path):
         raise UserError(f"cannot write {path}: {folder} is not a writable folder")
 
 def load_checkpoint(path, device):
-    """The checkpoint's dict and its EMA network. A checkpoint holds only tensors, numbers, strings, lists
-    and dicts, so weights_only=True loads it: unpickling objects from a downloaded file could run code."""
+    """The checkpoint's dict and EMA net. weights_only=True: unpickling a downloaded file could run code."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} (train one with: python ddpm.py train)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = UNet(**ckpt["config"]["model"]).to(device).eval()
+        model = make_net(ckpt["config"]["data_shape"], **ckpt["config"]["model"]).to(device).eval()
     except Exception as e:
         raise UserError(f"{path} is not a readable ddpm.py checkpoint ({type(e).__name__})") from None
     try:
@@ -306,26 +310,29 @@ def load_checkpoint(path, device):
     return ckpt, model
 
 def grid_image(x):
-    """A batch in [-1, 1] as one PIL image, sqrt(N) columns, 2 px apart."""
+    """Images in [-1, 1] as a grid, sqrt(N) columns; 2-D points as a 256 x 256 histogram of [-1.5, 1.5]^2."""
+    if x.dim() == 2:
+        ij = ((x.float().clamp(-1.5, 1.5) + 1.5) * 255 / 3).round().long().cpu()  # (N, 2) pixel positions
+        hist = torch.zeros(256, 256).index_put_((255 - ij[:, 1], ij[:, 0]), torch.ones(len(x)), True)
+        return Image.fromarray(((hist == 0) * 255).to(torch.uint8).numpy())  # y grows upwards
     grid = torchvision.utils.make_grid(to_pixels(x).cpu(), nrow=math.ceil(math.sqrt(len(x))))  # (3, H, W)
     return Image.fromarray(grid[0].numpy() if x.shape[1] == 1 else grid.permute(1, 2, 0).numpy())
 
 def save_samples(path, x, xs=None):
-    """.png: a grid; .npz: uint8 (N, C, H, W) under "images"; .gif: the reverse process xs."""
+    """.png: a grid; .npz: uint8 (N, C, H, W) "images" or (N, dim) "points"; .gif: the reverse process."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".png":
         atomic_write(path, lambda f: grid_image(x).save(f, format="PNG"))
     elif ext == ".npz":
-        atomic_write(path, lambda f: np.savez(f, images=to_pixels(x).cpu().numpy()))
+        arrays = {"points": x.cpu().numpy()} if x.dim() == 2 else {"images": to_pixels(x).cpu().numpy()}
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     elif ext == ".gif":
         keep = sorted(set(torch.linspace(0, len(xs) - 1, 60).round().long().tolist()))  # ~60 frames
         frames = [grid_image(xs[i]) for i in keep] + [grid_image(xs[-1])] * 20  # then hold the result
-        atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True,
-                                                    append_images=frames[1:], duration=60, loop=0,
-                                                    optimize=False))  # PIL's optimizer can corrupt frames
+        atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                    duration=60, loop=0, optimize=False))  # optimize corrupts
 
-# -----------------------------------------------------------------------------
-# Training (Algorithm 1)
+# --- Training (Algorithm 1) ---------------------------------------------------------------------------------
 
 def pick_device(name):  # auto: cuda, then mps, then cpu
     return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available()
@@ -338,27 +345,24 @@ def train_step(model, ema, opt, x0, sched, generator):
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        print(f"warning: non-finite loss {loss.item()} or gradient norm {grad_norm.item()}, update skipped",
-              file=sys.stderr)
+        print(f"warning: loss {loss.item()}, grad norm {grad_norm.item()}: update skipped", file=sys.stderr)
         return None
     opt.step()
     ema.update(model)
     return loss.item()
-
-def hms(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 def train(args):
     device = pick_device(args.device)
     check_writable(args.out)
     ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
     if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
-        run = ("ch", "ch_mult", "n_res", "schedule", "T", "batch_size", "lr", "ema_decay", "seed")
+        run = ("dataset", "ch", "ch_mult", "n_res", "schedule", "T", "batch_size", "lr", "ema_decay", "seed")
         vars(args).update({k: ckpt["config"]["train"][k] for k in run})
-    data = load_mnist(args.data_dir).to(device)
-    sched = make_schedule(args.schedule, args.T).to(device)
+    data = load_data(args.dataset, args.data_dir, args.seed).to(device)
+    args.lr = args.lr or (2e-4 if data.dim() > 2 else 2e-3)  # a small MLP takes a larger step
+    sched = make_schedule(args.schedule, args.T)
     torch.manual_seed(args.seed)  # the initial weights
-    model = UNet(data.shape[1], args.ch, args.ch_mult, args.n_res).to(device).train()
+    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res).to(device).train()
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator(device).manual_seed(args.seed)  # draws t and eps in Algorithm 1
@@ -370,9 +374,9 @@ def train(args):
     B = min(args.batch_size, len(data))
     per_epoch = len(data) // B  # the last partial batch of an epoch is dropped
     total, save_every = args.steps or args.epochs * per_epoch, args.save_every or per_epoch
-    print(f"UNet {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} images | "
-          f"{per_epoch} steps/epoch | steps {step}..{total} | {device}")
-
+    unit, hms = "img" if data.dim() > 2 else "points", lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
+    print(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} "
+          f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device}")
     def save():
         config = {"model": model.config, "data_shape": list(data.shape[1:]),
                   "train": {k: v for k, v in vars(args).items() if k != "cmd"}}
@@ -397,14 +401,14 @@ def train(args):
             if step % args.log_every == 0 or step == total:
                 now = time.time()
                 print(f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
-                      f"{n_log / (now - t_log):.0f} img/s | elapsed {hms(now - t0)} | "
+                      f"{n_log / (now - t_log):.0f} {unit}/s | elapsed {hms(now - t0)} | "
                       f"eta {hms((total - step) * (now - t_log) * B / n_log)}", flush=True)
                 t_log, n_log = now, 0
             if step % save_every == 0:
                 save()
             if args.sample_every and step % args.sample_every == 0:  # same seed each time: comparable grids
-                x = sample_ddim(ema.model, sched, (16, *data.shape[1:]), min(50, args.T),
-                                generator=torch.Generator(device).manual_seed(0))
+                x = sample_ddim(ema.model, sched, (16 if data.dim() > 2 else 2000, *data.shape[1:]),
+                                min(50, args.T), generator=torch.Generator(device).manual_seed(0))
                 save_samples(f"{os.path.splitext(args.out)[0]}_step{step:07d}.png", x)
     finally:
         for s, handler in handlers.items():
@@ -416,8 +420,7 @@ def train(args):
         return 128 + stop[0]
     return 0
 
-# -----------------------------------------------------------------------------
-# Command line: sample from a checkpoint, and main
+# --- Command line: sample from a checkpoint, and main -------------------------------------------------------
 
 def sample(args):
     device = pick_device(args.device)
@@ -427,26 +430,22 @@ def sample(args):
         raise UserError(f"--out {args.out}: use .png (a grid), .npz (uint8 arrays) or .gif (reverse process)")
     check_writable(args.out)
     ckpt, model = load_checkpoint(args.ckpt, device)
-    sched = make_schedule(ckpt["config"]["train"]["schedule"], ckpt["config"]["train"]["T"]).to(device)
+    sched = make_schedule(ckpt["config"]["train"]["schedule"], ckpt["config"]["train"]["T"])
     steps = args.steps or (sched.T if args.sampler == "ddpm" else min(50, sched.T))
     if steps > sched.T or (args.sampler == "ddpm" and steps != sched.T):
         raise UserError(f"--steps {steps}: DDIM takes 1..T = 1..{sched.T}; DDPM (Algorithm 2) always takes T")
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen, gen_cpu = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
     shape, gif, t0 = (args.n, *ckpt["config"]["data_shape"]), args.out.lower().endswith(".gif"), time.time()
-    if args.sampler == "ddpm":
-        out = sample_ddpm(model, sched, shape, gen, clip_x0=args.clip_x0, trajectory=gif)
-    else:
-        out = sample_ddim(model, sched, shape, steps, args.eta, gen, clip_x0=args.clip_x0, trajectory=gif)
+    out = sample_ddpm(model, sched, shape, gen, trajectory=gif) if args.sampler == "ddpm" \
+        else sample_ddim(model, sched, shape, steps, args.eta, gen, trajectory=gif)
     save_samples(args.out, *(out if gif else (out,)))
+    if ckpt["config"]["train"]["dataset"] == "swissroll":  # how near the data; what "near" means at this n
+        x, (fresh, fresh2) = (out[0] if gif else out).cpu(), make_swissroll(2 * args.n, gen_cpu).split(args.n)
+        print(f"sliced W2 to fresh data {sliced_wasserstein(x, fresh, gen_cpu):.4f} (between two fresh sets "
+              f"of {args.n}: {sliced_wasserstein(fresh2, fresh, gen_cpu):.4f})")
     print(f"wrote {args.out}: {args.n} samples, {args.sampler} with {steps} steps, {time.time() - t0:.1f}s "
           f"(checkpoint {args.ckpt} at step {ckpt['step']})")
     return 0
-
-def int_list(s):
-    return [int(v) for v in s.split(",")]
-
-AT_LEAST = {"T": 2, "ch": 1, "n_res": 1, "epochs": 1, "steps": 1, "batch_size": 1, "log_every": 1,
-            "save_every": 1, "n": 1}
 
 def main(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -458,16 +457,17 @@ def main(argv=None):
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     # train: system
+    tr.add_argument("--dataset", choices=["mnist", "swissroll"], default="mnist", help="images or 2-D points")
     tr.add_argument("--data-dir", default="./data", help="MNIST is downloaded here when absent")
     tr.add_argument("--out", default="ckpt.pt", help="checkpoint path")
-    tr.add_argument("--resume", metavar="PATH", help="continue from this checkpoint; the model, schedule, "
-                    "batch size, lr, EMA decay and seed come from it")
+    tr.add_argument("--resume", metavar="PATH", help="continue this checkpoint's run (model, data, lr...)")
     tr.add_argument("--save-every", type=int, help="steps between checkpoints; None: once per epoch")
     tr.add_argument("--sample-every", type=int, default=0, help="steps between EMA preview grids; 0: none")
     tr.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     # train: model and schedule
     tr.add_argument("--ch", type=int, default=32, help="base width of the U-Net")
-    tr.add_argument("--ch-mult", type=int_list, default=[1, 2, 2], help="width multiplier per resolution")
+    tr.add_argument("--ch-mult", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 2],
+                    help="width multiplier per resolution")
     tr.add_argument("--n-res", type=int, default=2, help="residual blocks per resolution")
     tr.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="beta_t schedule")
     tr.add_argument("--T", type=int, default=1000, help="diffusion steps")
@@ -475,19 +475,19 @@ def main(argv=None):
     tr.add_argument("--epochs", type=int, default=30, help="passes over the data")
     tr.add_argument("--steps", type=int, help="total optimizer steps; overrides --epochs")
     tr.add_argument("--batch-size", type=int, default=128, help="images per step")
-    tr.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    tr.add_argument("--lr", type=float, help="AdamW learning rate; None: 2e-4 for images, 2e-3 for points")
     tr.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay after warm-up")
     # sample
     sa.add_argument("--ckpt", default="ckpt.pt", help="checkpoint written by train")
     sa.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="Algorithm 2 or DDIM")
     sa.add_argument("--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like")
-    sa.add_argument("--clip-x0", action="store_true", help="clamp the x_0 prediction to [-1, 1] each step")
     sa.add_argument("--n", type=int, default=64, help="number of samples")
     sa.add_argument("--out", default="sample.png", help=".png grid, .npz uint8 images, .gif reverse process")
     args = parser.parse_args(argv)
     try:
-        for k, low in AT_LEAST.items():
+        for k, low in {"T": 2, "ch": 1, "n_res": 1, "epochs": 1, "steps": 1, "batch_size": 1, "n": 1,
+                       "log_every": 1, "save_every": 1}.items():
             if getattr(args, k, None) is not None and getattr(args, k) < low:
                 raise UserError(f"--{k.replace('_', '-')} must be at least {low}")
         return train(args) if args.cmd == "train" else sample(args)

@@ -112,17 +112,19 @@ def test_posterior_mean_through_x0_equals_eq_11(kind, T, data):
     assert (var == s.beta_tilde[step]).all()
 
 
-def test_ddpm_sampler_routes_agree_along_a_trajectory():
-    """Algorithm 2 line 4 (eq. 11) and the clip route (x0_hat, then eq. 7) give the same x_{t-1} at every
-    step when nothing needs clipping."""
+def test_ddpm_trajectory_follows_the_posterior_route_step_by_step():
+    """Each step of Algorithm 2 (line 4, eq. 11) is the other route, x0_hat (eq. 15) then the posterior
+    mean of eq. (7), plus sigma_t z with the same z: replayed here from the generator's stream."""
     s = ddpm.make_schedule("linear", 200)
-    x0 = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64) * 1.8 - 0.9
     x_T = torch.randn(3, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
-    runs = [ddpm.sample_ddpm(oracle_eps(x0, s), s, x0.shape, torch.Generator().manual_seed(2), clip_x0=c,
-                             x_T=x_T, trajectory=True)[1] for c in (False, True)]
-    assert len(runs[0]) == 201
-    for a, b in zip(*runs):
-        assert torch.allclose(a, b, atol=1e-9)
+    _, xs = ddpm.sample_ddpm(toy_eps, s, x_T.shape, torch.Generator().manual_seed(2), x_T=x_T, trajectory=True)
+    assert len(xs) == 201
+    g = torch.Generator().manual_seed(2)
+    for step, (xt, x_prev) in zip(range(200, 0, -1), zip(xs, xs[1:])):
+        t = torch.full((3,), step)
+        z = torch.randn(xt.shape, generator=g, dtype=F64) if step > 1 else 0
+        mean, var = ddpm.q_posterior(ddpm.predict_x0(xt, t, toy_eps(xt, t), s), xt, t, s)
+        assert torch.allclose(x_prev, mean + var.sqrt() * z, atol=1e-9)
 
 
 # -----------------------------------------------------------------------------
@@ -188,12 +190,10 @@ def test_ddim_eta_0_is_deterministic_given_x_T():
 @example(kind="linear", T=1000, sigma2="beta_tilde", seed=0)
 def test_ddpm_with_the_true_noise_returns_x0(kind, T, sigma2, seed):
     s, g = ddpm.make_schedule(kind, T), torch.Generator().manual_seed(seed)
-    x0 = torch.randn(3, 1, 4, 4, generator=g, dtype=F64) * 2  # outside [-1, 1]: no clipping is needed
+    x0 = torch.randn(3, 1, 4, 4, generator=g, dtype=F64) * 2
     x_T = torch.randn(x0.shape, generator=g, dtype=F64)
     out = ddpm.sample_ddpm(oracle_eps(x0, s), s, x0.shape, g, sigma2=sigma2, x_T=x_T)
     assert torch.allclose(out, x0, atol=1e-9, rtol=0)
-    clipped = ddpm.sample_ddpm(oracle_eps(x0, s), s, x0.shape, g, sigma2=sigma2, clip_x0=True, x_T=x_T)
-    assert torch.allclose(clipped, x0.clamp(-1, 1), atol=1e-9, rtol=0)
 
 
 @settings(deadline=None, max_examples=40)
@@ -208,8 +208,6 @@ def test_ddim_with_the_true_noise_returns_x0(kind, T, eta, data):
     atol = 1e-12 / s.alpha_bar[ddpm.ddim_timesteps(T, steps)[-1]].sqrt().item()
     out = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, steps, eta, g, x_T=x_T)
     assert torch.allclose(out, x0, atol=atol, rtol=0)
-    clipped = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, steps, eta, g, clip_x0=True, x_T=x_T)
-    assert torch.allclose(clipped, x0.clamp(-1, 1), atol=atol, rtol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -321,7 +319,7 @@ def write_mnist(root, n=48, seed=0):
 
 def test_mnist_is_padded_not_resized_and_scaled_to_minus_one_one(tmp_path):
     images = write_mnist(tmp_path)
-    data = ddpm.load_mnist(str(tmp_path))
+    data = ddpm.load_data("mnist", str(tmp_path))
     assert data.shape == (48, 1, 32, 32) and data.dtype == torch.uint8
     assert torch.equal(data[:, 0, 2:30, 2:30], images) and data[:, :, :2].sum() == 0 and data[..., 30:].sum() == 0
     pixels = torch.arange(256, dtype=torch.uint8)
@@ -564,3 +562,76 @@ def test_samples_land_on_the_data_points_with_their_frequencies(sampler, kind):
     assert dist.max() < 1e-6
     share = torch.bincount(nearest, minlength=3) / N
     assert (share - WEIGHTS).abs().lt(5 * (WEIGHTS * (1 - WEIGHTS) / N).sqrt()).all()
+
+
+# -----------------------------------------------------------------------------
+# The swiss roll (Sohl-Dickstein et al. 2015, Fig. 1): training learns, samplers turn noise into the roll
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_sliced_wasserstein_is_zero_on_itself_and_grows_with_a_shift():
+    x = ddpm.make_swissroll(1000, gen(0))
+    assert ddpm.sliced_wasserstein(x, x, gen(1)) == 0
+    # a shift by v moves every 1-D projection by <v, d>; E <v, d>^2 = |v|^2 / 2 for random unit d in 2-D
+    shifted = ddpm.sliced_wasserstein(x + torch.tensor([0.3, 0.4]), x, gen(1), n_dirs=4096)
+    assert abs(shifted - 0.5 / math.sqrt(2)) < 0.01
+
+
+def test_mlp_keeps_the_shape_and_uses_t():
+    torch.manual_seed(0)
+    net = ddpm.make_net([3], ch=8, n_res=2)
+    assert isinstance(net, ddpm.MLP) and isinstance(ddpm.make_net([1, 8, 8], ch=8), ddpm.UNet)
+    x = torch.randn(1, 3).repeat(2, 1)
+    out = net(x, torch.tensor([1, 700]))
+    assert out.shape == x.shape and (out[0] - out[1]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def roll(tmp_path_factory):
+    """A short run with the defaults (lr 2e-3, batch 128, T 1000): 3,000 of the 23,430 default steps."""
+    d = tmp_path_factory.mktemp("roll")
+    assert ddpm.main(["train", "--dataset", "swissroll", "--steps", "3000", "--log-every", "1000",
+                      "--out", str(d / "roll.pt")]) == 0
+    return d, str(d / "roll.pt")
+
+
+def test_trained_samplers_land_on_the_roll_and_broken_ones_do_not(roll):
+    """The classic bugs fail here: a network that ignores t, or sampling from the untrained network."""
+    _, model = ddpm.load_checkpoint(roll[1], "cpu")
+    sched, n = ddpm.make_schedule("linear", 1000), 2000
+    fresh = ddpm.make_swissroll(n, gen(1))
+    def sw(x):
+        return ddpm.sliced_wasserstein(x, fresh, gen(2))
+    floor = sw(ddpm.make_swissroll(n, gen(3)))  # two samples of the data differ by this much at this n
+    t_ignored = lambda x, t: model(x, torch.full_like(t, sched.T // 2))
+    torch.manual_seed(0)
+    untrained = ddpm.make_net([2], ch=32).eval()
+    with torch.no_grad():
+        good = {"ddpm": sw(ddpm.sample_ddpm(model, sched, (n, 2), gen(4))),
+                "ddim": sw(ddpm.sample_ddim(model, sched, (n, 2), 50, generator=gen(4)))}
+        bad = {"N(0, I)": sw(torch.randn(n, 2, generator=gen(4))),
+               "t ignored": sw(ddpm.sample_ddpm(t_ignored, sched, (n, 2), gen(4))),
+               "untrained": sw(ddpm.sample_ddim(untrained, sched, (n, 2), 50, generator=gen(4)))}
+    print(f"sliced W2: floor {floor:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in {**good, **bad}.items()))
+    assert max(good.values()) < 3 * floor
+    assert min(bad.values()) > 3 * max(good.values())
+
+
+def test_swissroll_cli_writes_png_npz_gif_and_reports_the_distance(roll, capsys):
+    d, ckpt = roll
+    for ext in ("png", "npz", "gif"):
+        assert ddpm.main(["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "20", "--n", "500",
+                          "--out", str(d / f"r.{ext}")]) == 0
+    assert capsys.readouterr().out.count("sliced W2 to fresh data") == 3
+    points = np.load(d / "r.npz")["points"]
+    assert points.shape == (500, 2) and points.dtype == np.float32
+    png = np.asarray(Image.open(d / "r.png"))
+    assert png.shape == (256, 256) and 100 < (png == 0).sum() <= 500  # one black pixel per point, some shared
+    ij = np.round((np.clip(points, -1.5, 1.5) + 1.5) * 255 / 3).astype(int)
+    assert (png[255 - ij[:, 1], ij[:, 0]] == 0).all()  # y grows upwards
+    gif = Image.open(d / "r.gif")
+    gif.seek(gif.n_frames - 1)
+    assert np.array_equal(np.asarray(gif.convert("L")), png)
