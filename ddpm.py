@@ -28,7 +28,6 @@ import torchvision
 from PIL import Image
 
 # --- Noise schedule and forward process q(x_t | x_0) --------------------------------------------------------
-
 @dataclass
 class Schedule:  # float64 on the CPU; gather() moves the few values a batch needs to its device
     T: int
@@ -36,11 +35,11 @@ class Schedule:  # float64 on the CPU; gather() moves the few values a batch nee
     alpha: torch.Tensor       # 1 - beta
     alpha_bar: torch.Tensor   # prod_{s<=t} alpha_s, eq. (4); alpha_bar[0] = 1
     beta_tilde: torch.Tensor  # posterior variance of q(x_{t-1} | x_t, x_0), eq. (7); beta_tilde[1] = 0
+    lam: torch.Tensor         # lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)), DPM-Solver's time
 
 def make_schedule(kind, T):
     """Every per-step constant, computed once in float64."""
-    if kind == "linear":  # Ho et al.: 1e-4 .. 0.02 for T = 1000; other T scale it by 1000/T, which keeps
-        # sum(beta) and so alpha_bar_T ~ exp(-10) for large T; small T cap at 0.999 and end even nearer 0
+    if kind == "linear":  # Ho et al.: 1e-4 .. 0.02 at T = 1000; x 1000/T keeps alpha_bar_T ~ exp(-10)
         beta = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
     elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. (17): alpha_bar from f(t) = cos^2(...)
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -48,11 +47,9 @@ def make_schedule(kind, T):
     else:
         raise ValueError(f"unknown schedule {kind!r}")
     beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta.clamp(max=0.999)])  # cap: no step may erase x
-    alpha = 1 - beta
-    alpha_bar = torch.cumprod(alpha, 0)
-    beta_tilde = torch.zeros_like(beta)
-    beta_tilde[1:] = (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]  # eq. (7)
-    return Schedule(T, beta, alpha, alpha_bar, beta_tilde)
+    alpha_bar = torch.cumprod(1 - beta, 0)
+    beta_tilde = torch.cat([beta[:1], (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]])  # eq. (7)
+    return Schedule(T, beta, 1 - beta, alpha_bar, beta_tilde, 0.5 * (alpha_bar / (1 - alpha_bar)).log())
 
 def gather(a, t, x):
     """a[t] for each sample in the batch, shaped (B, 1, ..., 1) to broadcast against x of any rank."""
@@ -64,8 +61,7 @@ def q_sample(x0, t, eps, sched):
 
 def predict_x0(xt, t, eps, sched):
     """Invert eq. (4) for x_0 given the noise: the x_0-prediction of eq. (15)."""
-    ab = gather(sched.alpha_bar, t, xt)
-    return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+    return (xt - (1 - gather(sched.alpha_bar, t, xt)).sqrt() * eps) / gather(sched.alpha_bar, t, xt).sqrt()
 
 def q_posterior(x0, xt, t, sched):
     """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. (6)-(7)."""
@@ -75,21 +71,18 @@ def q_posterior(x0, xt, t, sched):
     return mean, gather(sched.beta_tilde, t, xt)
 
 # --- Training objective (Algorithm 1) -----------------------------------------------------------------------
-
 def randn_like(x, generator):
     """z ~ N(0, I) from the caller's generator, so that one seed fixes every sample."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
 def loss_fn(eps_model, x0, sched, generator=None):
     """L_simple, eq. (14): t uniform on 1..T, eps ~ N(0, I), MSE between eps and eps_theta(x_t, t)."""
     t = torch.randint(1, sched.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
     eps = randn_like(x0, generator)
     return F.mse_loss(eps_model(q_sample(x0, t, eps, sched), t).float(), eps.float())
 
-# --- Sampling: Algorithm 2 (DDPM) and DDIM ------------------------------------------------------------------
+# --- Sampling: Algorithm 2 (DDPM), DDIM, DPM-Solver++ -------------------------------------------------------
 # Both take any eps_model(x_t, t) -> eps, so tests can pass oracles.
-
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_T=None, trajectory=False):
     """Algorithm 2. sigma2 = "beta_tilde" or "beta": the two choices of sigma_t^2 in Section 3.2."""
     device = getattr(generator, "device", None)
@@ -107,27 +100,41 @@ def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_
     return (x, xs) if trajectory else x  # line 6
 
 def ddim_timesteps(T, steps):
-    """DDIM's sub-sequence tau: `steps` distinct integers from T to 1 (linspace spacing >= 1, so rounding
-    cannot merge two; steps = 1 gives T alone)."""
+    """DDIM's sub-sequence tau: `steps` distinct integers, T to 1 (rounding a spacing >= 1 merges none)."""
     return torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
-
 def ddim_sigma(sched, t, t_prev, eta):
     """sigma(eta), DDIM eq. (16): eta = 1 on the full grid is DDPM's beta_tilde, eta = 0 is deterministic."""
     ab, ab_prev = sched.alpha_bar[t], sched.alpha_bar[t_prev]
     return eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
 
-@torch.no_grad()
-def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=None, trajectory=False):
-    """DDIM eq. (12) on ddim_timesteps(T, steps): exactly `steps` network calls. The last update goes
-    to t_prev = 0, where alpha_bar = 1 and sigma = 0, so it returns x0_hat: x_0 with no special case."""
+def dpm_timesteps(sched, steps):
+    """DPM-Solver's steps: T, then even in lambda from max(lambda_T, -5) to lambda_1 (Lu et al.'s logSNR)."""
+    taus = [sched.T]
+    for target in torch.linspace(max(sched.lam[sched.T].item(), -5), sched.lam[1].item(), steps)[1:]:
+        t = int((sched.lam[1:] - target).abs().argmin()) + 1
+        taus.append(max(min(t, taus[-1] - 1), steps - len(taus)))  # distinct, and room for the rest
+    return taus
+
+@torch.inference_mode()
+def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=None, trajectory=False,
+                order=1):
+    """DDIM eq. (12) on ddim_timesteps(T, steps): exactly `steps` network calls; the last goes to t_prev = 0,
+    where alpha_bar = 1 and sigma = 0, so it returns x0_hat: x_0 with no special case. order=2 is
+    DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on dpm_timesteps: DDIM (eta = 0) is its first-order case; the
+    second order extrapolates x0_hat linearly in lambda from the last step's (first order at both ends)."""
     device = getattr(generator, "device", None)
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # x_T ~ N(0, I)
     xs = [x]
-    taus = ddim_timesteps(sched.T, steps)
-    for step, step_prev in zip(taus, taus[1:] + [0]):
+    taus = ddim_timesteps(sched.T, steps) if order == 1 else dpm_timesteps(sched, steps)
+    for i, (step, step_prev) in enumerate(zip(taus, taus[1:] + [0])):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         eps = eps_model(x, t).to(x.dtype)
-        x0_hat = predict_x0(x, t, eps, sched)
+        x0_hat = x0_net = predict_x0(x, t, eps, sched)
+        if order == 2 and i > 0 and step_prev > 0:  # D_i of Algorithm 2, with r_i = h_{i-1} / h_i
+            r = (sched.lam[step] - sched.lam[taus[i - 1]]) / (sched.lam[step_prev] - sched.lam[step])
+            x0_hat = x0_net + (x0_net - x0_prev) / (2 * r)
+            eps = (x - sched.alpha_bar[step].sqrt() * x0_hat) / (1 - sched.alpha_bar[step]).sqrt()  # eq. (15)
+        x0_prev = x0_net
         ab_prev, sigma = sched.alpha_bar[step_prev], ddim_sigma(sched, step, step_prev, eta)
         z = randn_like(x, generator) if eta > 0 else 0
         x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).sqrt() * eps + sigma * z  # eq. (12)
@@ -135,9 +142,7 @@ def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=
     return (x, xs) if trajectory else x
 
 # --- The epsilon-network ------------------------------------------------------------------------------------
-# Any R^n -> R^n model that also takes t works; this is a small version of the
-# U-Net of Ho et al. (Appendix B): residual blocks, GroupNorm, sinusoidal time embedding, attention.
-
+# Any R^n -> R^n model that also takes t works. For images, a small U-Net of Ho et al. (Appendix B).
 def timestep_embedding(t, dim):
     """Transformer sinusoids of the integer step t (Vaswani et al. 2017), as in Ho et al."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
@@ -145,8 +150,7 @@ def timestep_embedding(t, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, dim)
 
 def norm(c):
-    # 32 groups as in Ho et al. once c >= 128; narrower layers keep 4 channels a group, because with one
-    # channel a group GroupNorm subtracts the per-channel time bias of ResBlock and the network ignores t
+    # 32 groups (Ho et al.) from c = 128 up, else 4 channels a group: one a group erases ResBlock's t bias
     return nn.GroupNorm(math.gcd(32, max(c // 4, 1)), c)
 
 class ResBlock(nn.Module):
@@ -173,8 +177,7 @@ class Attention(nn.Module):
         return x + self.proj(h)
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t). Level i works at width ch * ch_mult[i] and resolution H / 2^i; the output has
-    the input's shape for any H, W divisible by 2^(len(ch_mult) - 1)."""
+    """eps_theta(x_t, t); level i has width ch * ch_mult[i] at resolution H / 2^i (H, W divisible by 2^i)."""
     def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2):
         super().__init__()
         self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res)  # saved in checkpoints
@@ -212,8 +215,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 class MLP(nn.Module):
-    """eps_theta for points in R^dim (the swiss roll): residual blocks of width 4 * ch, the time embedding
-    entering every block as a bias like in ResBlock. Fed only at the input, t was learned far worse."""
+    """eps_theta for points (the swiss roll): residual blocks of width 4 * ch, t a bias in each block."""
     def __init__(self, dim=2, ch=32, n_res=3):
         super().__init__()
         self.config, w = dict(ch=ch, n_res=n_res), 4 * ch
@@ -225,13 +227,11 @@ class MLP(nn.Module):
         for lin1, t_proj, lin2 in self.blocks:
             h = h + lin2(F.silu(lin1(F.silu(h)) + t_proj(emb)))
         return self.x_out(F.silu(h))
-
 def make_net(data_shape, ch, ch_mult=(1, 2, 2), n_res=2):  # points (dim,): the MLP; images (C, H, W): U-Net
     return MLP(data_shape[0], ch, n_res) if len(data_shape) == 1 else UNet(data_shape[0], ch, ch_mult, n_res)
 
 class EMA:
-    """Exponential moving average of the weights, the model we sample from. The decay warms up as
-    min(decay, (1 + n) / (10 + n)) after n updates, so a short run's EMA is not mostly the random init."""
+    """Moving average of the weights, sampled from; decay min(decay, (1 + n) / (10 + n)) after n updates."""
     def __init__(self, model, decay):
         self.decay, self.n = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -243,13 +243,11 @@ class EMA:
             e.lerp_(p, 1 - d)  # e = d * e + (1 - d) * p
 
 # --- Data: MNIST as one uint8 tensor, scaled to [-1, 1] like the paper's data (Section 4); the swiss roll ---
-
 class UserError(Exception):
     """A mistake the user can fix: main() prints it as one line and exits non-zero."""
 
 def to_model_range(x):
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # uint8 0..255 -> [-1, 1]; points: as is
-
 def to_pixels(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> uint8 0..255
 
@@ -277,7 +275,6 @@ def load_data(dataset, data_dir, seed=0):
     return F.pad(data, (2, 2, 2, 2)).unsqueeze(1)
 
 # --- Files: checkpoints and images, every one written atomically --------------------------------------------
-
 def atomic_write(path, write):
     """write(f) to a temporary file, then rename it over path: a crash midway leaves the old file intact."""
     tmp = f"{path}.tmp"
@@ -288,7 +285,6 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
 def check_writable(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -333,14 +329,20 @@ def save_samples(path, x, xs=None):
                                                     duration=60, loop=0, optimize=False))  # optimize corrupts
 
 # --- Training (Algorithm 1) ---------------------------------------------------------------------------------
+def pick_device(name, precision):
+    """auto: cuda, then mps, then cpu; bf16 where the hardware has it (CUDA, AVX512-BF16), else fp32."""
+    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available()
+                          else "mps" if torch.backends.mps.is_available() else "cpu")
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and \
+        "avx512_bf16" in (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else "")
+    return device, ("bf16" if native else "fp32") if precision == "auto" else precision
+def autocast(device, precision):  # bf16 for matmuls and convolutions only; weights and all else stay fp32
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-def pick_device(name):  # auto: cuda, then mps, then cpu
-    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available()
-                        else "mps" if torch.backends.mps.is_available() else "cpu")
-
-def train_step(model, ema, opt, x0, sched, generator):
+def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", enabled=False)):
     """One step of Algorithm 1. A non-finite loss or gradient skips the update: no NaN reaches the weights."""
-    loss = loss_fn(model, x0, sched, generator)
+    with amp:
+        loss = loss_fn(model, x0, sched, generator)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -352,7 +354,7 @@ def train_step(model, ema, opt, x0, sched, generator):
     return loss.item()
 
 def train(args):
-    device = pick_device(args.device)
+    device, args.precision = pick_device(args.device, args.precision)
     check_writable(args.out)
     ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
     if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
@@ -363,30 +365,26 @@ def train(args):
     sched = make_schedule(args.schedule, args.T)
     torch.manual_seed(args.seed)  # the initial weights
     model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res).to(device).train()
-    ema = EMA(model, args.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    gen = torch.Generator(device).manual_seed(args.seed)  # draws t and eps in Algorithm 1
-    step = 0
+    ema, opt = EMA(model, args.ema_decay), torch.optim.AdamW(model.parameters(), lr=args.lr)
     if ckpt:
         model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"]), gen.set_state(ckpt["rng"].cpu())
-        step, ema.n = ckpt["step"], ckpt["ema_n"]
+        opt.load_state_dict(ckpt["opt"])
+    step, ema.n = (ckpt["step"], ckpt["ema_n"]) if ckpt else (0, 0)
+    amp = autocast(device, args.precision)
     B = min(args.batch_size, len(data))
     per_epoch = len(data) // B  # the last partial batch of an epoch is dropped
     total, save_every = args.steps or args.epochs * per_epoch, args.save_every or per_epoch
     unit, hms = "img" if data.dim() > 2 else "points", lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
     print(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} "
-          f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device}")
+          f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device} {args.precision}")
     def save():
         config = {"model": model.config, "data_shape": list(data.shape[1:]),
                   "train": {k: v for k, v in vars(args).items() if k != "cmd"}}
         state = {"config": config, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                 "opt": opt.state_dict(), "rng": gen.get_state(), "step": step, "ema_n": ema.n}
+                 "opt": opt.state_dict(), "step": step, "ema_n": ema.n}
         atomic_write(args.out, lambda f: torch.save(state, f))
-
     stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         perm_epoch, smooth, t0, t_log, n_log = None, float("nan"), time.time(), time.time(), 0
         while step < total and not stop:
@@ -394,7 +392,8 @@ def train(args):
             if epoch != perm_epoch:  # the order follows from (seed, epoch): a resumed run sees the same data
                 perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + epoch))
                 perm, perm_epoch = perm.to(device), epoch
-            loss = train_step(model, ema, opt, to_model_range(data[perm[i * B:(i + 1) * B]]), sched, gen)
+            gen = torch.Generator(device).manual_seed(hash((args.seed, step)))  # t and eps: seed and step
+            loss = train_step(model, ema, opt, to_model_range(data[perm[i * B:(i + 1) * B]]), sched, gen, amp)
             step, n_log = step + 1, n_log + B
             if loss is not None:
                 smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
@@ -407,8 +406,9 @@ def train(args):
             if step % save_every == 0:
                 save()
             if args.sample_every and step % args.sample_every == 0:  # same seed each time: comparable grids
-                x = sample_ddim(ema.model, sched, (16 if data.dim() > 2 else 2000, *data.shape[1:]),
-                                min(50, args.T), generator=torch.Generator(device).manual_seed(0))
+                with amp:
+                    x = sample_ddim(ema.model, sched, (16 if data.dim() > 2 else 2000, *data.shape[1:]),
+                                    min(50, args.T), generator=torch.Generator(device).manual_seed(0))
                 save_samples(f"{os.path.splitext(args.out)[0]}_step{step:07d}.png", x)
     finally:
         for s, handler in handlers.items():
@@ -417,34 +417,34 @@ def train(args):
     print(f"saved {args.out} at step {step}")
     if stop:
         print(f"stopped by signal {stop[0]}; continue with --resume {args.out}", file=sys.stderr)
-        return 128 + stop[0]
-    return 0
+    return 128 + stop[0] if stop else 0
 
 # --- Command line: sample from a checkpoint, and main -------------------------------------------------------
-
 def sample(args):
-    device = pick_device(args.device)
-    if not 0 <= args.eta <= 1:
-        raise UserError(f"--eta {args.eta}: DDIM's eta (eq. 16) lies in [0, 1]")
+    device, precision = pick_device(args.device, args.precision)
+    if not 0 <= args.eta <= 1 or args.eta and args.sampler == "dpm":
+        raise UserError(f"--eta {args.eta}: DDIM's eta (eq. 16) lies in [0, 1]; DPM-Solver++(2M) takes none")
     if os.path.splitext(args.out)[1].lower() not in (".png", ".npz", ".gif"):
         raise UserError(f"--out {args.out}: use .png (a grid), .npz (uint8 arrays) or .gif (reverse process)")
     check_writable(args.out)
     ckpt, model = load_checkpoint(args.ckpt, device)
     sched = make_schedule(ckpt["config"]["train"]["schedule"], ckpt["config"]["train"]["T"])
-    steps = args.steps or (sched.T if args.sampler == "ddpm" else min(50, sched.T))
+    steps = args.steps or {"ddpm": sched.T, "ddim": min(50, sched.T), "dpm": min(20, sched.T)}[args.sampler]
     if steps > sched.T or (args.sampler == "ddpm" and steps != sched.T):
-        raise UserError(f"--steps {steps}: DDIM takes 1..T = 1..{sched.T}; DDPM (Algorithm 2) always takes T")
+        raise UserError(f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T")
     gen, gen_cpu = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
     shape, gif, t0 = (args.n, *ckpt["config"]["data_shape"]), args.out.lower().endswith(".gif"), time.time()
-    out = sample_ddpm(model, sched, shape, gen, trajectory=gif) if args.sampler == "ddpm" \
-        else sample_ddim(model, sched, shape, steps, args.eta, gen, trajectory=gif)
+    order = 2 if args.sampler == "dpm" else 1  # DPM-Solver++(2M) is DDIM's second-order form
+    with autocast(device, precision):
+        out = sample_ddpm(model, sched, shape, gen, trajectory=gif) if args.sampler == "ddpm" else \
+            sample_ddim(model, sched, shape, steps, args.eta, gen, trajectory=gif, order=order)
     save_samples(args.out, *(out if gif else (out,)))
     if ckpt["config"]["train"]["dataset"] == "swissroll":  # how near the data; what "near" means at this n
         x, (fresh, fresh2) = (out[0] if gif else out).cpu(), make_swissroll(2 * args.n, gen_cpu).split(args.n)
-        print(f"sliced W2 to fresh data {sliced_wasserstein(x, fresh, gen_cpu):.4f} (between two fresh sets "
-              f"of {args.n}: {sliced_wasserstein(fresh2, fresh, gen_cpu):.4f})")
+        print(f"sliced W2 to fresh data {sliced_wasserstein(x, fresh, gen_cpu):.4f} "
+              f"(two fresh sets: {sliced_wasserstein(fresh2, fresh, gen_cpu):.4f})")
     print(f"wrote {args.out}: {args.n} samples, {args.sampler} with {steps} steps, {time.time() - t0:.1f}s "
-          f"(checkpoint {args.ckpt} at step {ckpt['step']})")
+          f"(checkpoint {args.ckpt} at step {ckpt['step']}, {precision})")
     return 0
 
 def main(argv=None):
@@ -452,9 +452,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="DDPM / DDIM on MNIST in one file.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train the epsilon-network (Algorithm 1)", formatter_class=fmt)
-    sa = sub.add_parser("sample", help="draw samples with Algorithm 2 or DDIM", formatter_class=fmt)
+    sa = sub.add_parser("sample", help="Algorithm 2, DDIM or DPM-Solver++ sampling", formatter_class=fmt)
     for p in (tr, sa):
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the network's")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     # train: system
     tr.add_argument("--dataset", choices=["mnist", "swissroll"], default="mnist", help="images or 2-D points")
@@ -466,8 +467,7 @@ def main(argv=None):
     tr.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     # train: model and schedule
     tr.add_argument("--ch", type=int, default=32, help="base width of the U-Net")
-    tr.add_argument("--ch-mult", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 2],
-                    help="width multiplier per resolution")
+    tr.add_argument("--ch-mult", type=lambda s: list(map(int, s.split(","))), default=[1, 2, 2], help="U-Net")
     tr.add_argument("--n-res", type=int, default=2, help="residual blocks per resolution")
     tr.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="beta_t schedule")
     tr.add_argument("--T", type=int, default=1000, help="diffusion steps")
@@ -479,8 +479,8 @@ def main(argv=None):
     tr.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay after warm-up")
     # sample
     sa.add_argument("--ckpt", default="ckpt.pt", help="checkpoint written by train")
-    sa.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="Algorithm 2 or DDIM")
-    sa.add_argument("--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim")
+    sa.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], default="ddpm", help="dpm: DPM-Solver++")
+    sa.add_argument("--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim, 20 for dpm")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like")
     sa.add_argument("--n", type=int, default=64, help="number of samples")
     sa.add_argument("--out", default="sample.png", help=".png grid, .npz uint8 images, .gif reverse process")
@@ -494,7 +494,6 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())
