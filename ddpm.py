@@ -455,7 +455,8 @@ def main(argv=None):
     sa = sub.add_parser("sample", help="Algorithm 2, DDIM or DPM-Solver++ sampling", formatter_class=fmt)
     for p in (tr, sa):
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-        p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the network's")
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="the network's; auto: bf16 where the hardware has it natively, else fp32")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     # train: system
     tr.add_argument("--dataset", choices=["mnist", "swissroll"], default="mnist", help="images or 2-D points")
