@@ -177,7 +177,7 @@ class Attention(nn.Module):
         return x + self.proj(h)
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t); level i has width ch * ch_mult[i] at resolution H / 2^i (H, W divisible by 2^i)."""
+    """eps_theta(x_t, t). Level i: width ch * ch_mult[i] at H / 2^i; H, W must divide by 2^(levels - 1)."""
     def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2):
         super().__init__()
         self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res)  # saved in checkpoints
@@ -216,7 +216,7 @@ class UNet(nn.Module):
 
 class MLP(nn.Module):
     """eps_theta for points (the swiss roll): residual blocks of width 4 * ch, t a bias in each block."""
-    def __init__(self, dim=2, ch=32, n_res=3):
+    def __init__(self, dim=2, ch=32, n_res=2):
         super().__init__()
         self.config, w = dict(ch=ch, n_res=n_res), 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, w), nn.SiLU(), nn.Linear(w, w))
