@@ -37,8 +37,7 @@ class Schedule:  # float64 on the CPU; gather() moves the few values a batch nee
     beta_tilde: torch.Tensor  # posterior variance of q(x_{t-1} | x_t, x_0), eq. (7); beta_tilde[1] = 0
     lam: torch.Tensor         # lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)), DPM-Solver's time
 
-def make_schedule(kind, T):
-    """Every per-step constant, computed once in float64."""
+def make_schedule(kind, T):  # every per-step constant, computed once in float64
     if kind == "linear":  # Ho et al.: 1e-4 .. 0.02 at T = 1000; x 1000/T keeps alpha_bar_T ~ exp(-10)
         beta = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
     elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. (17): alpha_bar from f(t) = cos^2(...)
@@ -51,28 +50,23 @@ def make_schedule(kind, T):
     beta_tilde = torch.cat([beta[:1], (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]])  # eq. (7)
     return Schedule(T, beta, 1 - beta, alpha_bar, beta_tilde, 0.5 * (alpha_bar / (1 - alpha_bar)).log())
 
-def gather(a, t, x):
-    """a[t] for each sample in the batch, shaped (B, 1, ..., 1) to broadcast against x of any rank."""
+def gather(a, t, x):  # a[t] per sample, shaped (B, 1, ..., 1) to broadcast against x of any rank
     return a[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
-def q_sample(x0, t, eps, sched):
-    """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. (4)."""
+def q_sample(x0, t, eps, sched):  # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. (4)
     return gather(sched.alpha_bar, t, x0).sqrt() * x0 + (1 - gather(sched.alpha_bar, t, x0)).sqrt() * eps
 
-def predict_x0(xt, t, eps, sched):
-    """Invert eq. (4) for x_0 given the noise: the x_0-prediction of eq. (15)."""
+def predict_x0(xt, t, eps, sched):  # eq. (4) solved for x_0 given the noise: the x_0-prediction of eq. (15)
     return (xt - (1 - gather(sched.alpha_bar, t, xt)).sqrt() * eps) / gather(sched.alpha_bar, t, xt).sqrt()
 
-def q_posterior(x0, xt, t, sched):
-    """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. (6)-(7)."""
+def q_posterior(x0, xt, t, sched):  # mean and variance of q(x_{t-1} | x_t, x_0), eqs. (6)-(7)
     ab, ab_prev = gather(sched.alpha_bar, t, xt), gather(sched.alpha_bar, t - 1, xt)
     mean = (ab_prev.sqrt() * gather(sched.beta, t, xt) * x0
             + gather(sched.alpha, t, xt).sqrt() * (1 - ab_prev) * xt) / (1 - ab)
     return mean, gather(sched.beta_tilde, t, xt)
 
 # --- Training objective (Algorithm 1) -----------------------------------------------------------------------
-def randn_like(x, generator):
-    """z ~ N(0, I) from the caller's generator, so that one seed fixes every sample."""
+def randn_like(x, generator):  # z ~ N(0, I) from the caller's generator: one seed fixes every sample
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 def loss_fn(eps_model, x0, sched, generator=None):
     """L_simple, eq. (14): t uniform on 1..T, eps ~ N(0, I), MSE between eps and eps_theta(x_t, t)."""
@@ -99,11 +93,9 @@ def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_
         xs.append(x)
     return (x, xs) if trajectory else x  # line 6
 
-def ddim_timesteps(T, steps):
-    """DDIM's sub-sequence tau: `steps` distinct integers, T to 1 (rounding a spacing >= 1 merges none)."""
+def ddim_timesteps(T, steps):  # DDIM's tau: `steps` distinct integers, T to 1 (a spacing >= 1 rounds apart)
     return torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
-def ddim_sigma(sched, t, t_prev, eta):
-    """sigma(eta), DDIM eq. (16): eta = 1 on the full grid is DDPM's beta_tilde, eta = 0 is deterministic."""
+def ddim_sigma(sched, t, t_prev, eta):  # DDIM eq. (16): eta = 1 on the full grid is beta_tilde, 0 no noise
     ab, ab_prev = sched.alpha_bar[t], sched.alpha_bar[t_prev]
     return eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
 
@@ -143,8 +135,7 @@ def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=
 
 # --- The epsilon-network ------------------------------------------------------------------------------------
 # Any R^n -> R^n model that also takes t works. For images, a small U-Net of Ho et al. (Appendix B).
-def timestep_embedding(t, dim):
-    """Transformer sinusoids of the integer step t (Vaswani et al. 2017), as in Ho et al."""
+def timestep_embedding(t, dim):  # Transformer sinusoids of the integer step t (Vaswani et al.), as Ho et al.
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, dim)
@@ -165,8 +156,7 @@ class ResBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
-class Attention(nn.Module):
-    """Single-head self-attention over all H*W positions, residual."""
+class Attention(nn.Module):  # single-head self-attention over all H*W positions, residual
     def __init__(self, c):
         super().__init__()
         self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
@@ -275,8 +265,7 @@ def load_data(dataset, data_dir, seed=0):
     return F.pad(data, (2, 2, 2, 2)).unsqueeze(1)
 
 # --- Files: checkpoints and images, every one written atomically --------------------------------------------
-def atomic_write(path, write):
-    """write(f) to a temporary file, then rename it over path: a crash midway leaves the old file intact."""
+def atomic_write(path, write):  # write(f) to path.tmp, then rename it: a crash midway keeps the old file
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -290,8 +279,7 @@ def check_writable(path):
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise UserError(f"cannot write {path}: {folder} is not a writable folder")
 
-def load_checkpoint(path, device):
-    """The checkpoint's dict and EMA net. weights_only=True: unpickling a downloaded file could run code."""
+def load_checkpoint(path, device):  # (dict, EMA net); weights_only: unpickling a download could run code
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} (train one with: python ddpm.py train)")
     try:
@@ -314,8 +302,7 @@ def grid_image(x):
     grid = torchvision.utils.make_grid(to_pixels(x).cpu(), nrow=math.ceil(math.sqrt(len(x))))  # (3, H, W)
     return Image.fromarray(grid[0].numpy() if x.shape[1] == 1 else grid.permute(1, 2, 0).numpy())
 
-def save_samples(path, x, xs=None):
-    """.png: a grid; .npz: uint8 (N, C, H, W) "images" or (N, dim) "points"; .gif: the reverse process."""
+def save_samples(path, x, xs=None):  # .png grid; .npz uint8 "images" or float "points"; .gif reverse process
     ext = os.path.splitext(path)[1].lower()
     if ext == ".png":
         atomic_write(path, lambda f: grid_image(x).save(f, format="PNG"))
@@ -329,8 +316,7 @@ def save_samples(path, x, xs=None):
                                                     duration=60, loop=0, optimize=False))  # optimize corrupts
 
 # --- Training (Algorithm 1) ---------------------------------------------------------------------------------
-def pick_device(name, precision):
-    """auto: cuda, then mps, then cpu; bf16 where the hardware has it (CUDA, AVX512-BF16), else fp32."""
+def pick_device(name, precision):  # auto: cuda, mps, cpu; bf16 where native (CUDA, AVX512-BF16), else fp32
     device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available()
                           else "mps" if torch.backends.mps.is_available() else "cpu")
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and \
@@ -355,6 +341,10 @@ def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", 
 
 def train(args):
     device, args.precision = pick_device(args.device, args.precision)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if world > 1:  # one process per rank; DistributedDataParallel averages their gradients
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if device.type == "cuda" else device
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     check_writable(args.out)
     ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
     if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
@@ -370,19 +360,22 @@ def train(args):
         model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
     step, ema.n = (ckpt["step"], ckpt["ema_n"]) if ckpt else (0, 0)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = autocast(device, args.precision)
-    B = min(args.batch_size, len(data))
-    per_epoch = len(data) // B  # the last partial batch of an epoch is dropped
+    B = min(args.batch_size, len(data) // world)
+    per_epoch = len(data) // (B * world)  # each rank takes its own B of every world * B; the rest is dropped
     total, save_every = args.steps or args.epochs * per_epoch, args.save_every or per_epoch
     unit, hms = "img" if data.dim() > 2 else "points", lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
-    print(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} "
-          f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device} {args.precision}")
+    log = print if rank == 0 else lambda *a, **k: None  # only rank 0 logs, saves and draws previews
+    log(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} "
+        f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device} {args.precision}")
     def save():
         config = {"model": model.config, "data_shape": list(data.shape[1:]),
                   "train": {k: v for k, v in vars(args).items() if k != "cmd"}}
         state = {"config": config, "model": model.state_dict(), "ema": ema.model.state_dict(),
                  "opt": opt.state_dict(), "step": step, "ema_n": ema.n}
-        atomic_write(args.out, lambda f: torch.save(state, f))
+        if rank == 0:
+            atomic_write(args.out, lambda f: torch.save(state, f))
     stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
     handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -392,20 +385,24 @@ def train(args):
             if epoch != perm_epoch:  # the order follows from (seed, epoch): a resumed run sees the same data
                 perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + epoch))
                 perm, perm_epoch = perm.to(device), epoch
-            gen = torch.Generator(device).manual_seed(hash((args.seed, step)))  # t and eps: seed and step
-            loss = train_step(model, ema, opt, to_model_range(data[perm[i * B:(i + 1) * B]]), sched, gen, amp)
+            gen = torch.Generator(device).manual_seed(hash((args.seed, step, rank)))  # t and eps of this step
+            j = i * world + rank  # this rank's batch
+            loss = train_step(net, ema, opt, to_model_range(data[perm[j * B:(j + 1) * B]]), sched, gen, amp)
             step, n_log = step + 1, n_log + B
             if loss is not None:
                 smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
             if step % args.log_every == 0 or step == total:
                 now = time.time()
-                print(f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
-                      f"{n_log / (now - t_log):.0f} {unit}/s | elapsed {hms(now - t0)} | "
-                      f"eta {hms((total - step) * (now - t_log) * B / n_log)}", flush=True)
+                log(f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
+                    f"{n_log / (now - t_log):.0f} {unit}/s | elapsed {hms(now - t0)} | "
+                    f"eta {hms((total - step) * (now - t_log) * B / n_log)}", flush=True)
                 t_log, n_log = now, 0
             if step % save_every == 0:
                 save()
-            if args.sample_every and step % args.sample_every == 0:  # same seed each time: comparable grids
+            if world > 1:  # a signal may reach the ranks a step apart: all stop when one does
+                torch.distributed.all_reduce(flag := torch.tensor([len(stop)], device=device))
+                stop += [signal.SIGTERM] if flag.item() and not stop else []
+            if args.sample_every and step % args.sample_every == 0 and rank == 0:  # same seed: comparable
                 with amp:
                     x = sample_ddim(ema.model, sched, (16 if data.dim() > 2 else 2000, *data.shape[1:]),
                                     min(50, args.T), generator=torch.Generator(device).manual_seed(0))
@@ -414,7 +411,9 @@ def train(args):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     save()
-    print(f"saved {args.out} at step {step}")
+    log(f"saved {args.out} at step {step}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     if stop:
         print(f"stopped by signal {stop[0]}; continue with --resume {args.out}", file=sys.stderr)
     return 128 + stop[0] if stop else 0
@@ -475,7 +474,7 @@ def main(argv=None):
     # train: optimization
     tr.add_argument("--epochs", type=int, default=30, help="passes over the data")
     tr.add_argument("--steps", type=int, help="total optimizer steps; overrides --epochs")
-    tr.add_argument("--batch-size", type=int, default=128, help="images per step")
+    tr.add_argument("--batch-size", type=int, default=128, help="images per step (per process, torchrun)")
     tr.add_argument("--lr", type=float, help="AdamW learning rate; None: 2e-4 for images, 2e-3 for points")
     tr.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay after warm-up")
     # sample

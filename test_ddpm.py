@@ -505,6 +505,25 @@ def test_unknown_sampler_is_an_argparse_error(capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def test_torchrun_trains_with_two_gloo_processes_and_sample_loads_the_result(tmp_path, capsys):
+    """DistributedDataParallel on the CPU: 48 images, 2 ranks of batch 8 = 3 steps an epoch; rank 0 alone
+    logs and saves, in the single-process checkpoint format."""
+    write_mnist(tmp_path)
+    ckpt = str(tmp_path / "ddp.pt")
+    tiny = [a if a != "16" else "8" for a in TINY]  # batch 8 per rank
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          ddpm.__file__, "train", "--data-dir", str(tmp_path), "--steps", "4", "--out", ckpt,
+                          "--device", "cpu"] + tiny, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("3 steps/epoch") == 1 and run.stdout.count("saved") == 1
+    assert [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("step ")] == \
+        ["epoch 1"] * 3 + ["epoch 2"]
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    assert ddpm.main(["sample", "--ckpt", ckpt, "--sampler", "dpm", "--steps", "5", "--n", "4",
+                      "--out", str(tmp_path / "ddp.png")]) == 0
+
+
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     """A preempted job: SIGTERM mid-run ends the step, saves, and exits 128 + 15."""
     write_mnist(tmp_path)
