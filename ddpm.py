@@ -68,8 +68,7 @@ def q_posterior(x0, xt, t, sched):  # mean and variance of q(x_{t-1} | x_t, x_0)
 # --- Training objective (Algorithm 1) -----------------------------------------------------------------------
 def randn_like(x, generator):  # z ~ N(0, I) from the caller's generator: one seed fixes every sample
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-def loss_fn(eps_model, x0, sched, generator=None):
-    """L_simple, eq. (14): t uniform on 1..T, eps ~ N(0, I), MSE between eps and eps_theta(x_t, t)."""
+def loss_fn(eps_model, x0, sched, generator=None):  # L_simple, eq. (14): t ~ U{1..T}, eps ~ N(0, I), MSE
     t = torch.randint(1, sched.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
     eps = randn_like(x0, generator)
     return F.mse_loss(eps_model(q_sample(x0, t, eps, sched), t).float(), eps.float())
@@ -99,8 +98,7 @@ def ddim_sigma(sched, t, t_prev, eta):  # DDIM eq. (16): eta = 1 on the full gri
     ab, ab_prev = sched.alpha_bar[t], sched.alpha_bar[t_prev]
     return eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
 
-def dpm_timesteps(sched, steps):
-    """DPM-Solver's steps: T, then even in lambda from max(lambda_T, -5) to lambda_1 (Lu et al.'s logSNR)."""
+def dpm_timesteps(sched, steps):  # T, then even in lambda from max(lambda_T, -5) to lambda_1 ("logSNR" steps)
     taus = [sched.T]
     for target in torch.linspace(max(sched.lam[sched.T].item(), -5), sched.lam[1].item(), steps)[1:]:
         t = int((sched.lam[1:] - target).abs().argmin()) + 1
@@ -204,8 +202,7 @@ class UNet(nn.Module):
             h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-class MLP(nn.Module):
-    """eps_theta for points (the swiss roll): residual blocks of width 4 * ch, t a bias in each block."""
+class MLP(nn.Module):  # eps_theta for points (swiss roll): residual blocks of width 4 * ch, t a bias in each
     def __init__(self, dim=2, ch=32, n_res=2):
         super().__init__()
         self.config, w = dict(ch=ch, n_res=n_res), 4 * ch
@@ -220,8 +217,7 @@ class MLP(nn.Module):
 def make_net(data_shape, ch, ch_mult=(1, 2, 2), n_res=2):  # points (dim,): the MLP; images (C, H, W): U-Net
     return MLP(data_shape[0], ch, n_res) if len(data_shape) == 1 else UNet(data_shape[0], ch, ch_mult, n_res)
 
-class EMA:
-    """Moving average of the weights, sampled from; decay min(decay, (1 + n) / (10 + n)) after n updates."""
+class EMA:  # the weights' moving average, sampled from; decay min(decay, (1 + n) / (10 + n)) after n updates
     def __init__(self, model, decay):
         self.decay, self.n = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -241,8 +237,7 @@ def to_model_range(x):
 def to_pixels(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> uint8 0..255
 
-def make_swissroll(n, generator):
-    """The 2-D toy data of Sohl-Dickstein et al. 2015 (Fig. 1): (n, 2) points on a spiral in [-1.5, 1.5]^2."""
+def make_swissroll(n, generator):  # Sohl-Dickstein et al. 2015, Fig. 1: (n, 2) points on a spiral, |x| < 1.5
     u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
     return (torch.stack([u * u.cos(), u * u.sin()], dim=1) / 10).float()
 
@@ -316,27 +311,32 @@ def save_samples(path, x, xs=None):  # .png grid; .npz uint8 "images" or float "
                                                     duration=60, loop=0, optimize=False))  # optimize corrupts
 
 # --- Training (Algorithm 1) ---------------------------------------------------------------------------------
-def pick_device(name, precision):  # auto: cuda, mps, cpu; bf16 where native (CUDA, AVX512-BF16), else fp32
+def pick_device(name, precision):  # auto: cuda, mps, cpu; bf16 where native (CUDA, AVX512-BF16); CUDA fp16
     device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available()
                           else "mps" if torch.backends.mps.is_available() else "cpu")
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and \
         "avx512_bf16" in (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else "")
-    return device, ("bf16" if native else "fp32") if precision == "auto" else precision
-def autocast(device, precision):  # bf16 for matmuls and convolutions only; weights and all else stay fp32
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    fast = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
+    return device, fast if precision == "auto" else precision
+def autocast(device, precision):  # bf16/fp16 for matmuls and convolutions; weights and all else stay fp32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", enabled=False)):
-    """One step of Algorithm 1. A non-finite loss or gradient skips the update: no NaN reaches the weights."""
+def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", enabled=False),
+               scaler=torch.amp.GradScaler("cpu", enabled=False)):
+    """One step of Algorithm 1. A non-finite loss or gradient skips the update: no NaN reaches the weights.
+    scaler: fp16's loss scaling; disabled (bf16, fp32), it passes everything through."""
     with amp:
         loss = loss_fn(model, x0, sched, generator)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # clip the true gradient
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        scaler.update()  # fp16 overflow: a smaller loss scale next step
         print(f"warning: loss {loss.item()}, grad norm {grad_norm.item()}: update skipped", file=sys.stderr)
         return None
-    opt.step()
-    ema.update(model)
+    scaler.step(opt), scaler.update(), ema.update(model)
     return loss.item()
 
 def train(args):
@@ -362,6 +362,7 @@ def train(args):
     step, ema.n = (ckpt["step"], ckpt["ema_n"]) if ckpt else (0, 0)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = autocast(device, args.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
     B = min(args.batch_size, len(data) // world)
     per_epoch = len(data) // (B * world)  # each rank takes its own B of every world * B; the rest is dropped
     total, save_every = args.steps or args.epochs * per_epoch, args.save_every or per_epoch
@@ -386,8 +387,8 @@ def train(args):
                 perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + epoch))
                 perm, perm_epoch = perm.to(device), epoch
             gen = torch.Generator(device).manual_seed(hash((args.seed, step, rank)))  # t and eps of this step
-            j = i * world + rank  # this rank's batch
-            loss = train_step(net, ema, opt, to_model_range(data[perm[j * B:(j + 1) * B]]), sched, gen, amp)
+            j = (i * world + rank) * B  # where this rank's batch starts
+            loss = train_step(net, ema, opt, to_model_range(data[perm[j:j + B]]), sched, gen, amp, scaler)
             step, n_log = step + 1, n_log + B
             if loss is not None:
                 smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
@@ -454,8 +455,8 @@ def main(argv=None):
     sa = sub.add_parser("sample", help="Algorithm 2, DDIM or DPM-Solver++ sampling", formatter_class=fmt)
     for p in (tr, sa):
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-        p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="the network's; auto: bf16 where the hardware has it natively, else fp32")
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                       help="the network's; auto: bf16 where native, else fp16 on CUDA, else fp32")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     # train: system
     tr.add_argument("--dataset", choices=["mnist", "swissroll"], default="mnist", help="images or 2-D points")

@@ -353,6 +353,22 @@ def test_bf16_loss_and_gradients_stay_close_to_fp32():
         assert model(x0, torch.ones(16, dtype=torch.long)).dtype == torch.bfloat16
 
 
+def test_fp16_loss_scaling_skips_overflowing_steps_then_trains():
+    """fp16 (for GPUs without bf16; run on the CPU here): with a loss scale far too large the scaled
+    gradients overflow, train_step skips the update and GradScaler halves the scale, until steps go through."""
+    torch.manual_seed(0)
+    model, s = ddpm.UNet(1, ch=8, ch_mult=(1, 2), n_res=1), ddpm.make_schedule("linear", 100)
+    ema, opt = ddpm.EMA(model, 0.999), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    before, x0 = [p.clone() for p in model.parameters()], torch.rand(8, 1, 16, 16) * 2 - 1
+    losses = [ddpm.train_step(model, ema, opt, x0, s, torch.Generator().manual_seed(i),
+                              ddpm.autocast(torch.device("cpu"), "fp16"), scaler) for i in range(40)]
+    skipped = losses.index(next(v for v in losses if v is not None))
+    assert skipped > 0 and all(v is None for v in losses[:skipped]) and all(v is not None for v in losses[skipped:])
+    assert scaler.get_scale() < 2.0 ** 40 and ema.n == 40 - skipped
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 # -----------------------------------------------------------------------------
 # Data and files
 
