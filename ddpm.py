@@ -166,11 +166,12 @@ class Attention(nn.Module):  # single-head self-attention over all H*W positions
 
 class UNet(nn.Module):
     """eps_theta(x_t, t). Level i: width ch * ch_mult[i] at H / 2^i; H, W must divide by 2^(levels - 1)."""
-    def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2):
+    def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2, n_classes=0):
         super().__init__()
-        self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res)  # saved in checkpoints
+        self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res, n_classes=n_classes)  # in checkpoints
         t_dim, widths = 4 * ch, [ch * m for m in ch_mult]
         self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.label_emb = nn.Embedding(n_classes + 1, t_dim) if n_classes else None  # label n_classes: "none"
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, self.downsample, c = nn.ModuleList(), nn.ModuleList(), ch
         for i, w in enumerate(widths):
@@ -186,8 +187,10 @@ class UNet(nn.Module):
                                  if i > 0 else nn.Identity())
             c = w
         self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, in_ch, 3, padding=1)
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         emb = self.time_mlp(timestep_embedding(t, self.config["ch"]))
+        if self.label_emb is not None:  # class-conditional: the label's embedding joins the time embedding
+            emb = emb + self.label_emb(torch.full_like(t, self.config["n_classes"]) if y is None else y)
         h, skips = self.conv_in(x), []
         for blocks, down in zip(self.down, self.downsample):
             for block in blocks:
@@ -209,13 +212,23 @@ class MLP(nn.Module):  # eps_theta for points (swiss roll): residual blocks of w
         self.time_mlp = nn.Sequential(nn.Linear(ch, w), nn.SiLU(), nn.Linear(w, w))
         self.x_in, self.x_out = nn.Linear(dim, w), nn.Linear(w, dim)
         self.blocks = nn.ModuleList(nn.ModuleList(nn.Linear(w, w) for _ in range(3)) for _ in range(n_res))
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         emb, h = self.time_mlp(timestep_embedding(t, self.config["ch"])), self.x_in(x)  # (B, w)
         for lin1, t_proj, lin2 in self.blocks:
             h = h + lin2(F.silu(lin1(F.silu(h)) + t_proj(emb)))
         return self.x_out(F.silu(h))
-def make_net(data_shape, ch, ch_mult=(1, 2, 2), n_res=2):  # points (dim,): the MLP; images (C, H, W): U-Net
-    return MLP(data_shape[0], ch, n_res) if len(data_shape) == 1 else UNet(data_shape[0], ch, ch_mult, n_res)
+def make_net(data_shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0):  # points: the MLP; images: U-Net
+    return MLP(data_shape[0], ch, n_res) if len(data_shape) == 1 else \
+        UNet(data_shape[0], ch, ch_mult, n_res, n_classes)
+
+def guided(model, y, w):
+    """Classifier-free guidance, Ho & Salimans 2022, eq. (6): eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t), so
+    w = 0 is the conditional model; both predictions come from one batched call."""
+    def eps_model(x, t):
+        e_y, e_none = model(x.repeat(2, *[1] * (x.dim() - 1)), t.repeat(2), torch.cat([y, torch.full_like(
+            y, model.config["n_classes"])])).chunk(2)
+        return (1 + w) * e_y - w * e_none
+    return eps_model
 
 class EMA:  # the weights' moving average, sampled from; decay min(decay, (1 + n) / (10 + n)) after n updates
     def __init__(self, model, decay):
@@ -249,15 +262,16 @@ def sliced_wasserstein(x, y, generator, n_dirs=256):
     return ((x @ d).sort(0).values - (y @ d).sort(0).values).pow(2).mean().sqrt().item()
 
 def load_data(dataset, data_dir, seed=0):
-    """(N, 2) float points, or the 60,000 MNIST digits as (N, 1, 32, 32) uint8, padded (resizing blurs)."""
+    """(data, labels): (N, 2) float points and None, or the 60,000 MNIST digits as (N, 1, 32, 32) uint8,
+    padded (resizing blurs), and their (N,) labels."""
     if dataset == "swissroll":
-        return make_swissroll(100_000, torch.Generator().manual_seed(seed))
+        return make_swissroll(100_000, torch.Generator().manual_seed(seed)), None
     try:
-        data = torchvision.datasets.MNIST(data_dir, train=True, download=True).data
+        mnist = torchvision.datasets.MNIST(data_dir, train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError or URLError when it cannot download
         raise UserError(f"MNIST is not in {data_dir} and downloading it failed ({type(e).__name__}); "
                         "pass --data-dir with a folder holding MNIST/raw") from None
-    return F.pad(data, (2, 2, 2, 2)).unsqueeze(1)
+    return F.pad(mnist.data, (2, 2, 2, 2)).unsqueeze(1), mnist.targets
 
 # --- Files: checkpoints and images, every one written atomically --------------------------------------------
 def atomic_write(path, write):  # write(f) to path.tmp, then rename it: a crash midway keeps the old file
@@ -322,12 +336,15 @@ def autocast(device, precision):  # bf16/fp16 for matmuls and convolutions; weig
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
+def drop_labels(y, p, n_classes, generator):  # for classifier-free guidance: "no label" with probability p
+    return torch.where(torch.rand(y.shape, generator=generator, device=y.device) < p, n_classes, y)
+
 def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", enabled=False),
-               scaler=torch.amp.GradScaler("cpu", enabled=False)):
+               scaler=torch.amp.GradScaler("cpu", enabled=False), y=None):
     """One step of Algorithm 1. A non-finite loss or gradient skips the update: no NaN reaches the weights.
     scaler: fp16's loss scaling; disabled (bf16, fp32), it passes everything through."""
     with amp:
-        loss = loss_fn(model, x0, sched, generator)
+        loss = loss_fn(lambda xt, t: model(xt, t, y), x0, sched, generator)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # clip the true gradient
@@ -348,13 +365,17 @@ def train(args):
     check_writable(args.out)
     ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
     if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
-        run = ("dataset", "ch", "ch_mult", "n_res", "schedule", "T", "batch_size", "lr", "ema_decay", "seed")
+        run = ("dataset", "cond", "p_uncond", "ch", "ch_mult", "n_res", "schedule", "T", "batch_size", "lr",
+               "ema_decay", "seed")
         vars(args).update({k: ckpt["config"]["train"][k] for k in run})
-    data = load_data(args.dataset, args.data_dir, args.seed).to(device)
+    data, labels = load_data(args.dataset, args.data_dir, args.seed)
+    data, n_classes = data.to(device), int(labels.max()) + 1 if args.cond and labels is not None else 0
+    if args.cond and not n_classes:
+        raise UserError(f"--cond: {args.dataset} has no labels")
     args.lr = args.lr or (2e-4 if data.dim() > 2 else 2e-3)  # a small MLP takes a larger step
     sched = make_schedule(args.schedule, args.T)
     torch.manual_seed(args.seed)  # the initial weights
-    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res).to(device).train()
+    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, n_classes).to(device).train()
     ema, opt = EMA(model, args.ema_decay), torch.optim.AdamW(model.parameters(), lr=args.lr)
     if ckpt:
         model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
@@ -388,7 +409,9 @@ def train(args):
                 perm, perm_epoch = perm.to(device), epoch
             gen = torch.Generator(device).manual_seed(hash((args.seed, step, rank)))  # t and eps of this step
             j = (i * world + rank) * B  # where this rank's batch starts
-            loss = train_step(net, ema, opt, to_model_range(data[perm[j:j + B]]), sched, gen, amp, scaler)
+            idx = perm[j:j + B]
+            y = drop_labels(labels[idx].to(device), args.p_uncond, n_classes, gen) if n_classes else None
+            loss = train_step(net, ema, opt, to_model_range(data[idx]), sched, gen, amp, scaler, y)
             step, n_log = step + 1, n_log + B
             if loss is not None:
                 smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
@@ -433,11 +456,17 @@ def sample(args):
     if steps > sched.T or (args.sampler == "ddpm" and steps != sched.T):
         raise UserError(f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T")
     gen, gen_cpu = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    K, eps_model = model.config.get("n_classes", 0), model
+    if args.cls is not None:  # a class index, or "all": K rows of K samples, one row per class
+        if not K or args.cls != "all" and not (args.cls.isdigit() and int(args.cls) < K):
+            raise UserError(f"--class {args.cls}: " + (f"0..{K - 1} or all" if K else "unconditional model"))
+        y = torch.arange(K * K) // K if args.cls == "all" else torch.full((args.n,), int(args.cls))
+        args.n, eps_model = len(y), guided(model, y.to(device), args.guidance)
     shape, gif, t0 = (args.n, *ckpt["config"]["data_shape"]), args.out.lower().endswith(".gif"), time.time()
     order = 2 if args.sampler == "dpm" else 1  # DPM-Solver++(2M) is DDIM's second-order form
     with autocast(device, precision):
-        out = sample_ddpm(model, sched, shape, gen, trajectory=gif) if args.sampler == "ddpm" else \
-            sample_ddim(model, sched, shape, steps, args.eta, gen, trajectory=gif, order=order)
+        out = sample_ddpm(eps_model, sched, shape, gen, trajectory=gif) if args.sampler == "ddpm" else \
+            sample_ddim(eps_model, sched, shape, steps, args.eta, gen, trajectory=gif, order=order)
     save_samples(args.out, *(out if gif else (out,)))
     if ckpt["config"]["train"]["dataset"] == "swissroll":  # how near the data; what "near" means at this n
         x, (fresh, fresh2) = (out[0] if gif else out).cpu(), make_swissroll(2 * args.n, gen_cpu).split(args.n)
@@ -461,6 +490,8 @@ def main(argv=None):
     # train: system
     tr.add_argument("--dataset", choices=["mnist", "swissroll"], default="mnist", help="images or 2-D points")
     tr.add_argument("--data-dir", default="./data", help="MNIST is downloaded here when absent")
+    tr.add_argument("--cond", action="store_true", help="class-conditional, for classifier-free guidance")
+    tr.add_argument("--p-uncond", type=float, default=0.1, help="with --cond: how often the label is dropped")
     tr.add_argument("--out", default="ckpt.pt", help="checkpoint path")
     tr.add_argument("--resume", metavar="PATH", help="continue this checkpoint's run (model, data, lr...)")
     tr.add_argument("--save-every", type=int, help="steps between checkpoints; None: once per epoch")
@@ -484,6 +515,8 @@ def main(argv=None):
     sa.add_argument("--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim, 20 for dpm")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like")
     sa.add_argument("--n", type=int, default=64, help="number of samples")
+    sa.add_argument("--class", dest="cls", help="a class index or all (a row per class); None: unconditional")
+    sa.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance w; 0: conditional")
     sa.add_argument("--out", default="sample.png", help=".png grid, .npz uint8 images, .gif reverse process")
     args = parser.parse_args(argv)
     try:

@@ -388,7 +388,7 @@ def write_mnist(root, n=48, seed=0):
 
 def test_mnist_is_padded_not_resized_and_scaled_to_minus_one_one(tmp_path):
     images = write_mnist(tmp_path)
-    data = ddpm.load_data("mnist", str(tmp_path))
+    data, labels = ddpm.load_data("mnist", str(tmp_path))
     assert data.shape == (48, 1, 32, 32) and data.dtype == torch.uint8
     assert torch.equal(data[:, 0, 2:30, 2:30], images) and data[:, :, :2].sum() == 0 and data[..., 30:].sum() == 0
     pixels = torch.arange(256, dtype=torch.uint8)
@@ -745,3 +745,86 @@ def test_swissroll_cli_writes_png_npz_gif_and_reports_the_distance(roll, capsys)
     gif = Image.open(d / "r.gif")
     gif.seek(gif.n_frames - 1)
     assert np.array_equal(np.asarray(gif.convert("L")), png)
+
+
+# -----------------------------------------------------------------------------
+# Class-conditional training and classifier-free guidance (Ho & Salimans 2022)
+
+
+def test_labels_are_dropped_at_the_stated_rate():
+    y = torch.zeros(100_000, dtype=torch.long)
+    dropped = (ddpm.drop_labels(y, 0.1, 10, gen(0)) == 10).float().mean().item()
+    assert abs(dropped - 0.1) < 5 * math.sqrt(0.1 * 0.9 / len(y))
+    assert (ddpm.drop_labels(y, 0.0, 10, gen(0)) == 0).all()
+
+
+def test_guidance_is_linear_in_w_and_one_batched_call_equals_two():
+    torch.manual_seed(0)
+    model = ddpm.UNet(1, ch=8, ch_mult=(1, 2), n_res=1, n_classes=3).eval()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 500, 999]), torch.tensor([0, 1, 2, 1])
+    calls = []
+    counting = lambda *a: calls.append(a) or model(*a)
+    counting.config = model.config
+    with torch.no_grad():
+        e_y, e_none = model(x, t, y), model(x, t)  # y = None is the "no label" index
+        assert torch.allclose(e_none, model(x, t, torch.full_like(y, 3)))
+        assert not torch.allclose(e_y, e_none, atol=1e-4)  # the label matters
+        for w in (0.0, 1.0, 3.0):
+            calls.clear()
+            out = ddpm.guided(counting, y, w)(x, t)
+            assert len(calls) == 1  # both predictions in one forward pass
+            assert torch.allclose(out, (1 + w) * e_y - w * e_none, atol=1e-5)
+        assert torch.equal(ddpm.guided(model, y, 0.0)(x, t), model(torch.cat([x, x]), t.repeat(2),
+                           torch.cat([y, torch.full_like(y, 3)]))[:4])  # w = 0: the conditional prediction
+
+
+class TwoPointOracle:
+    """Class 0 is the point A, class 1 the point B, with probabilities 0.7 and 0.3: the conditional eps is a
+    point mass's, the unconditional one (label 2) the mixture's, as in points_eps."""
+    config = {"n_classes": 2}
+    P, W = torch.tensor([[-0.6, 0.2], [0.5, -0.4]], dtype=F64), torch.tensor([0.7, 0.3], dtype=F64)
+
+    def __init__(self, sched):
+        self.s = sched
+
+    def __call__(self, xt, t, y):
+        ab = self.s.alpha_bar[t][:, None]
+        logits = self.W.log() - ((xt[:, None, :] - ab[:, None].sqrt() * self.P) ** 2).sum(-1) / (2 * (1 - ab))
+        x0 = torch.where((y == 2)[:, None], logits.softmax(-1) @ self.P, self.P[y.clamp(max=1)])
+        return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_guided_sampling_lands_on_the_asked_class_and_unguided_on_both(sampler):
+    s, N = ddpm.make_schedule("linear", 1000), 4000
+    oracle, x_T = TwoPointOracle(s), torch.randn(N, 2, generator=gen(0), dtype=F64)
+    run = {"ddpm": lambda m: ddpm.sample_ddpm(m, s, (N, 2), gen(1), x_T=x_T),
+           "ddim": lambda m: ddpm.sample_ddim(m, s, (N, 2), 50, x_T=x_T),
+           "dpm": lambda m: ddpm.sample_ddim(m, s, (N, 2), 20, x_T=x_T, order=2)}[sampler]
+    for k in (0, 1):
+        x = run(ddpm.guided(oracle, torch.full((N,), k), 3.0))
+        assert (x - oracle.P[k]).norm(dim=1).max() < 1e-6
+    x = run(lambda xt, t: oracle(xt, t, torch.full((len(xt),), 2)))
+    dist, nearest = torch.cdist(x, oracle.P).min(1)
+    share = (nearest == 0).double().mean().item()
+    assert dist.max() < 1e-6 and abs(share - 0.7) < 5 * math.sqrt(0.7 * 0.3 / N)
+
+
+def test_cond_cli_trains_and_samples_a_class_and_all_classes(tmp_path, capsys):
+    write_mnist(tmp_path)
+    ckpt = str(tmp_path / "cond.pt")
+    assert ddpm.main(["train", "--data-dir", str(tmp_path), "--steps", "3", "--out", ckpt, "--cond"] + TINY) == 0
+    assert torch.load(ckpt, weights_only=True)["config"]["model"]["n_classes"] == 10
+    assert ddpm.main(["sample", "--ckpt", ckpt, "--sampler", "dpm", "--steps", "4", "--class", "7", "--n", "4",
+                      "--out", str(tmp_path / "seven.png")]) == 0
+    assert ddpm.main(["sample", "--ckpt", ckpt, "--sampler", "dpm", "--steps", "4", "--class", "all",
+                      "--out", str(tmp_path / "all.png")]) == 0
+    assert Image.open(tmp_path / "all.png").size == (10 * 34 + 2, 10 * 34 + 2)  # a row per class
+    assert ddpm.main(["sample", "--ckpt", ckpt, "--class", "10", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--class 10: 0..9 or all" in capsys.readouterr().err
+    plain = str(tmp_path / "plain.pt")
+    assert ddpm.main(["train", "--data-dir", str(tmp_path), "--steps", "1", "--out", plain] + TINY) == 0
+    assert ddpm.main(["sample", "--ckpt", plain, "--class", "3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unconditional model" in capsys.readouterr().err
+    assert ddpm.main(["train", "--dataset", "swissroll", "--cond", "--out", str(tmp_path / "r.pt")]) == 2
+    assert "swissroll has no labels" in capsys.readouterr().err
