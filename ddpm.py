@@ -1,23 +1,16 @@
-"""
-ddpm.py: Denoising Diffusion Probabilistic Models in one file, to read next to the papers:
+"""ddpm.py: Denoising Diffusion Probabilistic Models in one file, to read next to the papers:
   DDPM  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
   DDIM  Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502
 Sections follow the papers, then the networks, data, training and CLI; eq. numbers are DDPM's unless "DDIM".
 
+    python ddpm.py sample --sampler ddim      # DDIM, 50 steps, from the model in samples/: writes sample.png
     python ddpm.py train --epochs 30          # Algorithm 1 on MNIST, writes ckpt.pt
-    python ddpm.py sample --sampler ddim      # DDIM, 50 steps, writes sample.png
     python -m pytest                          # the tests: the code is the paper's math
 
 Time index, used everywhere: t = 1..T as in the paper. Every schedule tensor has length T + 1 and index
 0 means "no noise": beta[0] = 0, alpha_bar[0] = 1, so x_0 is data and the network only sees t >= 1.
 """
-import argparse
-import copy
-import math
-import os
-import signal
-import sys
-import time
+import argparse, copy, math, os, signal, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +31,12 @@ class Schedule:  # float64 on the CPU; gather() moves the few values a batch nee
     lam: torch.Tensor         # lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)), DPM-Solver's time
 
 def make_schedule(kind, T):  # every per-step constant, computed once in float64
+    assert kind in ("linear", "cosine"), kind
     if kind == "linear":  # Ho et al.: 1e-4 .. 0.02 at T = 1000; x 1000/T keeps alpha_bar_T ~ exp(-10)
         beta = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
-    elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. (17): alpha_bar from f(t) = cos^2(...)
+    else:  # cosine: Nichol & Dhariwal 2021, eq. (17): alpha_bar from f(t) = cos^2(...)
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
         beta = 1 - f[1:] / f[:-1]
-    else:
-        raise ValueError(f"unknown schedule {kind!r}")
     beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta.clamp(max=0.999)])  # cap: no step may erase x
     alpha_bar = torch.cumprod(1 - beta, 0)
     beta_tilde = torch.cat([beta[:1], (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]])  # eq. (7)
@@ -52,13 +44,10 @@ def make_schedule(kind, T):  # every per-step constant, computed once in float64
 
 def gather(a, t, x):  # a[t] per sample, shaped (B, 1, ..., 1) to broadcast against x of any rank
     return a[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-
 def q_sample(x0, t, eps, sched):  # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. (4)
     return gather(sched.alpha_bar, t, x0).sqrt() * x0 + (1 - gather(sched.alpha_bar, t, x0)).sqrt() * eps
-
 def predict_x0(xt, t, eps, sched):  # eq. (4) solved for x_0 given the noise: the x_0-prediction of eq. (15)
     return (xt - (1 - gather(sched.alpha_bar, t, xt)).sqrt() * eps) / gather(sched.alpha_bar, t, xt).sqrt()
-
 def q_posterior(x0, xt, t, sched):  # mean and variance of q(x_{t-1} | x_t, x_0), eqs. (6)-(7)
     ab, ab_prev = gather(sched.alpha_bar, t, xt), gather(sched.alpha_bar, t - 1, xt)
     mean = (ab_prev.sqrt() * gather(sched.beta, t, xt) * x0
@@ -73,8 +62,7 @@ def loss_fn(eps_model, x0, sched, generator=None):  # L_simple, eq. (14): t ~ U{
     eps = randn_like(x0, generator)
     return F.mse_loss(eps_model(q_sample(x0, t, eps, sched), t).float(), eps.float())
 
-# --- Sampling: Algorithm 2 (DDPM), DDIM, DPM-Solver++ -------------------------------------------------------
-# Both take any eps_model(x_t, t) -> eps, so tests can pass oracles.
+# --- Sampling: Algorithm 2 (DDPM), DDIM, DPM-Solver++; any eps_model(x_t, t) -> eps works (tests: oracles) -
 @torch.inference_mode()
 def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_T=None, trajectory=False):
     """Algorithm 2. sigma2 = "beta_tilde" or "beta": the two choices of sigma_t^2 in Section 3.2."""
@@ -97,7 +85,6 @@ def ddim_timesteps(T, steps):  # DDIM's tau: `steps` distinct integers, T to 1 (
 def ddim_sigma(sched, t, t_prev, eta):  # DDIM eq. (16): eta = 1 on the full grid is beta_tilde, 0 no noise
     ab, ab_prev = sched.alpha_bar[t], sched.alpha_bar[t_prev]
     return eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
-
 def dpm_timesteps(sched, steps):  # T, then even in lambda from max(lambda_T, -5) to lambda_1 ("logSNR" steps)
     taus = [sched.T]
     for target in torch.linspace(max(sched.lam[sched.T].item(), -5), sched.lam[1].item(), steps)[1:]:
@@ -108,10 +95,9 @@ def dpm_timesteps(sched, steps):  # T, then even in lambda from max(lambda_T, -5
 @torch.inference_mode()
 def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=None, trajectory=False,
                 order=1):
-    """DDIM eq. (12) on ddim_timesteps(T, steps): exactly `steps` network calls; the last goes to t_prev = 0,
-    where alpha_bar = 1 and sigma = 0, so it returns x0_hat: x_0 with no special case. order=2 is
-    DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on dpm_timesteps: DDIM (eta = 0) is its first-order case; the
-    second order extrapolates x0_hat linearly in lambda from the last step's (first order at both ends)."""
+    """DDIM eq. (12) on ddim_timesteps(T, steps): `steps` network calls; the last goes to t_prev = 0, where
+    alpha_bar = 1 and sigma = 0: it returns x0_hat, no special case. order=2: DPM-Solver++(2M) (Lu et al.
+    2022, Alg. 2) on dpm_timesteps, x0_hat extrapolated linearly in lambda from the last step's."""
     device = getattr(generator, "device", None)
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # x_T ~ N(0, I)
     xs = [x]
@@ -137,9 +123,7 @@ def timestep_embedding(t, dim):  # Transformer sinusoids of the integer step t (
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, dim)
-
-def norm(c):
-    # 32 groups (Ho et al.) from c = 128 up, else 4 channels a group: one a group erases ResBlock's t bias
+def norm(c):  # 32 groups (Ho et al.) from c = 128 up, else 4 channels a group: 1 erases ResBlock's t bias
     return nn.GroupNorm(math.gcd(32, max(c // 4, 1)), c)
 
 class ResBlock(nn.Module):
@@ -151,8 +135,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.t_proj(emb)[:, :, None, None]  # (B, c_out, H, W)
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 class Attention(nn.Module):  # single-head self-attention over all H*W positions, residual
     def __init__(self, c):
@@ -171,13 +154,12 @@ class UNet(nn.Module):
         self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res, n_classes=n_classes)  # in checkpoints
         t_dim, widths = 4 * ch, [ch * m for m in ch_mult]
         self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
-        self.label_emb = nn.Embedding(n_classes + 1, t_dim) if n_classes else None  # label n_classes: "none"
+        self.label_emb = nn.Embedding(n_classes + 1, t_dim)  # label n_classes means "no label"
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, self.downsample, c = nn.ModuleList(), nn.ModuleList(), ch
-        for i, w in enumerate(widths):
+        for i, w in enumerate(widths, 1):  # levels 1..L; all but the last halve H and W (a stride-2 conv)
             self.down.append(nn.ModuleList([ResBlock(c if j == 0 else w, w, t_dim) for j in range(n_res)]))
-            self.downsample.append(nn.Conv2d(w, w, 3, stride=2, padding=1) if i < len(widths) - 1
-                                   else nn.Identity())
+            self.downsample.append(nn.Conv2d(w, w, 3, 2, padding=1) if i < len(widths) else nn.Identity())
             c = w
         self.mid1, self.attn, self.mid2 = ResBlock(c, c, t_dim), Attention(c), ResBlock(c, c, t_dim)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
@@ -187,10 +169,9 @@ class UNet(nn.Module):
                                  if i > 0 else nn.Identity())
             c = w
         self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, in_ch, 3, padding=1)
-    def forward(self, x, t, y=None):
-        emb = self.time_mlp(timestep_embedding(t, self.config["ch"]))
-        if self.label_emb is not None:  # class-conditional: the label's embedding joins the time embedding
-            emb = emb + self.label_emb(torch.full_like(t, self.config["n_classes"]) if y is None else y)
+    def forward(self, x, t, y=None):  # y: class labels; None: "no label", as always when n_classes = 0
+        y = torch.full_like(t, self.config["n_classes"]) if y is None else y
+        emb = self.time_mlp(timestep_embedding(t, self.config["ch"])) + self.label_emb(y)  # (B, t_dim)
         h, skips = self.conv_in(x), []
         for blocks, down in zip(self.down, self.downsample):
             for block in blocks:
@@ -212,22 +193,19 @@ class MLP(nn.Module):  # eps_theta for points (swiss roll): residual blocks of w
         self.time_mlp = nn.Sequential(nn.Linear(ch, w), nn.SiLU(), nn.Linear(w, w))
         self.x_in, self.x_out = nn.Linear(dim, w), nn.Linear(w, dim)
         self.blocks = nn.ModuleList(nn.ModuleList(nn.Linear(w, w) for _ in range(3)) for _ in range(n_res))
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None):  # no labels for points
         emb, h = self.time_mlp(timestep_embedding(t, self.config["ch"])), self.x_in(x)  # (B, w)
         for lin1, t_proj, lin2 in self.blocks:
             h = h + lin2(F.silu(lin1(F.silu(h)) + t_proj(emb)))
         return self.x_out(F.silu(h))
-def make_net(data_shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0):  # points: the MLP; images: U-Net
-    return MLP(data_shape[0], ch, n_res) if len(data_shape) == 1 else \
-        UNet(data_shape[0], ch, ch_mult, n_res, n_classes)
+def make_net(shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0):  # points (dim,): the MLP; (C, H, W): U-Net
+    return MLP(shape[0], ch, n_res) if len(shape) == 1 else UNet(shape[0], ch, ch_mult, n_res, n_classes)
 
-def guided(model, y, w):
-    """Classifier-free guidance, Ho & Salimans 2022, eq. (6): eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t), so
-    w = 0 is the conditional model; both predictions come from one batched call."""
-    def eps_model(x, t):
-        e_y, e_none = model(x.repeat(2, *[1] * (x.dim() - 1)), t.repeat(2), torch.cat([y, torch.full_like(
-            y, model.config["n_classes"])])).chunk(2)
-        return (1 + w) * e_y - w * e_none
+def guided(model, y, w):  # classifier-free guidance (Ho & Salimans 2022, eq. 6) for labels y, weight w
+    y2 = torch.cat([y, torch.full_like(y, model.config["n_classes"])])  # each label, then "no label"
+    def eps_model(xt, t):  # eps(x_t, t, y) and eps(x_t, t) from one batched call
+        e_y, e_none = model(torch.cat([xt, xt]), torch.cat([t, t]), y2).to(xt.dtype).chunk(2)
+        return (1 + w) * e_y - w * e_none  # w = 0: the conditional model; w > 0 pushes away from e_none
     return eps_model
 
 class EMA:  # the weights' moving average, sampled from; decay min(decay, (1 + n) / (10 + n)) after n updates
@@ -241,69 +219,73 @@ class EMA:  # the weights' moving average, sampled from; decay min(decay, (1 + n
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p, 1 - d)  # e = d * e + (1 - d) * p
 
-# --- Data: MNIST as one uint8 tensor, scaled to [-1, 1] like the paper's data (Section 4); the swiss roll ---
-class UserError(Exception):
-    """A mistake the user can fix: main() prints it as one line and exits non-zero."""
+# --- Data: images as one uint8 tensor, scaled to [-1, 1] like the paper's (Section 4); the swiss roll ------
+class UserError(Exception): """A mistake the user can fix: main() prints it as one line and exits non-zero."""
 
 def to_model_range(x):
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # uint8 0..255 -> [-1, 1]; points: as is
 def to_pixels(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> uint8 0..255
-
 def make_swissroll(n, generator):  # Sohl-Dickstein et al. 2015, Fig. 1: (n, 2) points on a spiral, |x| < 1.5
     u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
     return (torch.stack([u * u.cos(), u * u.sin()], dim=1) / 10).float()
-
-def sliced_wasserstein(x, y, generator, n_dirs=256):
-    """Distance between two point sets of equal size. In 1-D, W2 matches the sorted samples in order; here
-    both sets are projected on n_dirs random directions and the 1-D W2^2 averaged, then square-rooted.
-    0 for one set against itself; two samples of one distribution differ by sampling noise ~ n^-1/2."""
+def sliced_wasserstein(x, y, generator, n_dirs=256):  # two samples of one distribution: ~ n^-1/2 apart
+    # W2 of equal-size sets in 1-D pairs the sorted samples in order: the mean W2^2 over random directions
     d = F.normalize(torch.randn(x.shape[1], n_dirs, generator=generator, dtype=x.dtype), dim=0)
     return ((x @ d).sort(0).values - (y @ d).sort(0).values).pow(2).mean().sqrt().item()
 
-def load_data(dataset, data_dir, seed=0):
-    """(data, labels): (N, 2) float points and None, or the 60,000 MNIST digits as (N, 1, 32, 32) uint8,
-    padded (resizing blurs), and their (N,) labels."""
+def read_image(path, size):  # (3, size, size) uint8: the shorter side resized to size, then centre-cropped
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise UserError(f"cannot read the image {path} ({type(e).__name__})") from None
+    tf = torchvision.transforms.functional
+    return tf.pil_to_tensor(tf.center_crop(tf.resize(image, size), size))
+
+DATASETS = {"mnist": torchvision.datasets.MNIST, "fashion": torchvision.datasets.FashionMNIST,
+            "cifar10": torchvision.datasets.CIFAR10}  # downloaded to --data-dir when absent
+def load_data(dataset, data_dir, seed=0, image_size=32):
+    """((N, C, H, W) uint8 images, (N,) labels); 28 x 28 digits are padded to 32 x 32 (resizing blurs)."""
     if dataset == "swissroll":
         return make_swissroll(100_000, torch.Generator().manual_seed(seed)), None
+    if dataset not in DATASETS:
+        try:
+            folder = torchvision.datasets.ImageFolder(dataset)  # class sub-folders, in name order, are labels
+        except OSError as e:  # no such folder, no sub-folder, or no image file in them
+            raise UserError(f"--dataset {dataset}: neither a known data set nor a folder of images ({e})")
+        images = [read_image(path, image_size) for path, _ in folder.samples]
+        return torch.stack(images), torch.tensor(folder.targets)
     try:
-        mnist = torchvision.datasets.MNIST(data_dir, train=True, download=True)
+        ds = DATASETS[dataset](data_dir, train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError or URLError when it cannot download
-        raise UserError(f"MNIST is not in {data_dir} and downloading it failed ({type(e).__name__}); "
-                        "pass --data-dir with a folder holding MNIST/raw") from None
-    return F.pad(mnist.data, (2, 2, 2, 2)).unsqueeze(1), mnist.targets
+        raise UserError(f"{dataset} is not in {data_dir} and downloading it failed ({type(e).__name__}); "
+                        "pass --data-dir with the folder that holds it") from None
+    data = torch.as_tensor(ds.data)  # MNIST, Fashion: (N, 28, 28); CIFAR-10: (N, 32, 32, 3)
+    data = data.permute(0, 3, 1, 2) if data.dim() == 4 else F.pad(data, (2, 2, 2, 2)).unsqueeze(1)
+    return data.contiguous(), torch.as_tensor(ds.targets)
 
 # --- Files: checkpoints and images, every one written atomically --------------------------------------------
 def atomic_write(path, write):  # write(f) to path.tmp, then rename it: a crash midway keeps the old file
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f), f.flush(), os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-def check_writable(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {path}: {folder} is not a writable folder")
+    with open(f"{path}.tmp", "wb") as f:
+        write(f), f.flush(), os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+def check_writable(path):  # before hours of work, not after
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        raise UserError(f"cannot write {path}: its folder is missing or not writable")
 
 def load_checkpoint(path, device):  # (dict, EMA net); weights_only: unpickling a download could run code
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} (train one with: python ddpm.py train)")
-    try:
+    try:  # fp16 weights (samples/) are cast to the model's fp32 by load_state_dict
         ckpt = torch.load(path, map_location=device, weights_only=True)
         model = make_net(ckpt["config"]["data_shape"], **ckpt["config"]["model"]).to(device).eval()
-    except Exception as e:
-        raise UserError(f"{path} is not a readable ddpm.py checkpoint ({type(e).__name__})") from None
-    try:
         model.load_state_dict(ckpt["ema"])
-    except RuntimeError:
-        raise UserError(f"the weights in {path} do not fit the architecture it names") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a ddpm.py checkpoint with weights that fit the architecture it names "
+                        f"({type(e).__name__})") from None
     return ckpt, model
 
-def grid_image(x):
-    """Images in [-1, 1] as a grid, sqrt(N) columns; 2-D points as a 256 x 256 histogram of [-1.5, 1.5]^2."""
+def grid_image(x):  # images in [-1, 1]: a grid, sqrt(N) wide; points: a 256 x 256 histogram of [-1.5, 1.5]^2
     if x.dim() == 2:
         ij = ((x.float().clamp(-1.5, 1.5) + 1.5) * 255 / 3).round().long().cpu()  # (N, 2) pixel positions
         hist = torch.zeros(256, 256).index_put_((255 - ij[:, 1], ij[:, 0]), torch.ones(len(x)), True)
@@ -319,8 +301,7 @@ def save_samples(path, x, xs=None):  # .png grid; .npz uint8 "images" or float "
         arrays = {"points": x.cpu().numpy()} if x.dim() == 2 else {"images": to_pixels(x).cpu().numpy()}
         atomic_write(path, lambda f: np.savez(f, **arrays))
     elif ext == ".gif":
-        keep = sorted(set(torch.linspace(0, len(xs) - 1, 60).round().long().tolist()))  # ~60 frames
-        frames = [grid_image(xs[i]) for i in keep] + [grid_image(xs[-1])] * 20  # then hold the result
+        frames = [grid_image(x) for x in xs[::math.ceil(len(xs) / 60)]] + [grid_image(xs[-1])] * 20  # hold it
         atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                     duration=60, loop=0, optimize=False))  # optimize corrupts
 
@@ -335,14 +316,12 @@ def pick_device(name, precision):  # auto: cuda, mps, cpu; bf16 where native (CU
 def autocast(device, precision):  # bf16/fp16 for matmuls and convolutions; weights and all else stay fp32
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
 def drop_labels(y, p, n_classes, generator):  # for classifier-free guidance: "no label" with probability p
     return torch.where(torch.rand(y.shape, generator=generator, device=y.device) < p, n_classes, y)
 
 def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", enabled=False),
-               scaler=torch.amp.GradScaler("cpu", enabled=False), y=None):
-    """One step of Algorithm 1. A non-finite loss or gradient skips the update: no NaN reaches the weights.
-    scaler: fp16's loss scaling; disabled (bf16, fp32), it passes everything through."""
+               scaler=torch.amp.GradScaler("cpu", enabled=False), y=None):  # scaler: fp16 loss scaling
+    """Algorithm 1, one step (y: labels). A non-finite loss or gradient skips it: no NaN in the weights."""
     with amp:
         loss = loss_fn(lambda xt, t: model(xt, t, y), x0, sched, generator)
     opt.zero_grad(set_to_none=True)
@@ -358,46 +337,39 @@ def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", 
 
 def train(args):
     device, args.precision = pick_device(args.device, args.precision)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if world > 1:  # one process per rank; DistributedDataParallel averages their gradients
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if device.type == "cuda" else device
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     check_writable(args.out)
     ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
     if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
-        run = ("dataset", "cond", "p_uncond", "ch", "ch_mult", "n_res", "schedule", "T", "batch_size", "lr",
-               "ema_decay", "seed")
-        vars(args).update({k: ckpt["config"]["train"][k] for k in run})
-    data, labels = load_data(args.dataset, args.data_dir, args.seed)
-    data, n_classes = data.to(device), int(labels.max()) + 1 if args.cond and labels is not None else 0
-    if args.cond and not n_classes:
+        run = "dataset image_size cond p_uncond ch ch_mult n_res schedule T batch_size lr ema_decay seed"
+        vars(args).update({k: ckpt["config"]["train"][k] for k in run.split()})
+    data, labels = load_data(args.dataset, args.data_dir, args.seed, args.image_size)
+    if args.cond and labels is None:
         raise UserError(f"--cond: {args.dataset} has no labels")
+    K = int(labels.max()) + 1 if args.cond else 0  # classes; label K means "no label", the only one if K = 0
+    labels = labels if args.cond else torch.zeros(len(data), dtype=torch.long)
+    data, labels, flip = data.to(device), labels.to(device), data.shape[1] == 3  # photos are flipped (below)
     args.lr = args.lr or (2e-4 if data.dim() > 2 else 2e-3)  # a small MLP takes a larger step
     sched = make_schedule(args.schedule, args.T)
     torch.manual_seed(args.seed)  # the initial weights
-    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, n_classes).to(device).train()
+    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, K).to(device).train()
     ema, opt = EMA(model, args.ema_decay), torch.optim.AdamW(model.parameters(), lr=args.lr)
     if ckpt:
         model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
     step, ema.n = (ckpt["step"], ckpt["ema_n"]) if ckpt else (0, 0)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = autocast(device, args.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
-    B = min(args.batch_size, len(data) // world)
-    per_epoch = len(data) // (B * world)  # each rank takes its own B of every world * B; the rest is dropped
+    B = min(args.batch_size, len(data))
+    per_epoch = len(data) // B  # an epoch's last, partial batch is dropped
     total, save_every = args.steps or args.epochs * per_epoch, args.save_every or per_epoch
     unit, hms = "img" if data.dim() > 2 else "points", lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
-    log = print if rank == 0 else lambda *a, **k: None  # only rank 0 logs, saves and draws previews
-    log(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} "
-        f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device} {args.precision}")
+    print(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} "
+          f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device} {args.precision}")
     def save():
-        config = {"model": model.config, "data_shape": list(data.shape[1:]),
-                  "train": {k: v for k, v in vars(args).items() if k != "cmd"}}
+        config = {"model": model.config, "data_shape": list(data.shape[1:]), "train": dict(vars(args))}
         state = {"config": config, "model": model.state_dict(), "ema": ema.model.state_dict(),
                  "opt": opt.state_dict(), "step": step, "ema_n": ema.n}
-        if rank == 0:
-            atomic_write(args.out, lambda f: torch.save(state, f))
+        atomic_write(args.out, lambda f: torch.save(state, f))
     stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
     handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -407,26 +379,22 @@ def train(args):
             if epoch != perm_epoch:  # the order follows from (seed, epoch): a resumed run sees the same data
                 perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + epoch))
                 perm, perm_epoch = perm.to(device), epoch
-            gen = torch.Generator(device).manual_seed(hash((args.seed, step, rank)))  # t and eps of this step
-            j = (i * world + rank) * B  # where this rank's batch starts
-            idx = perm[j:j + B]
-            y = drop_labels(labels[idx].to(device), args.p_uncond, n_classes, gen) if n_classes else None
-            loss = train_step(net, ema, opt, to_model_range(data[idx]), sched, gen, amp, scaler, y)
+            gen = torch.Generator(device).manual_seed(hash((args.seed, step)))  # t and eps of this step
+            idx = perm[i * B:(i + 1) * B]
+            x0, y = to_model_range(data[idx]), drop_labels(labels[idx], args.p_uncond, K, gen)
+            if flip:  # random horizontal flips, as Ho et al. for CIFAR10; never for digits
+                x0 = torch.where(torch.rand(B, 1, 1, 1, generator=gen, device=device) < 0.5, x0.flip(3), x0)
+            loss = train_step(model, ema, opt, x0, sched, gen, amp, scaler, y)
             step, n_log = step + 1, n_log + B
-            if loss is not None:
-                smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
-            if step % args.log_every == 0 or step == total:
-                now = time.time()
-                log(f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
-                    f"{n_log / (now - t_log):.0f} {unit}/s | elapsed {hms(now - t0)} | "
-                    f"eta {hms((total - step) * (now - t_log) * B / n_log)}", flush=True)
+            smooth = smooth if loss is None else loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
+            if (now := time.time()) - t_log >= 10 or step == total:  # a progress line every 10 s
+                print(f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
+                      f"{n_log / (now - t_log):.0f} {unit}/s | elapsed {hms(now - t0)} | "
+                      f"eta {hms((total - step) * (now - t_log) * B / n_log)}", flush=True)
                 t_log, n_log = now, 0
             if step % save_every == 0:
                 save()
-            if world > 1:  # a signal may reach the ranks a step apart: all stop when one does
-                torch.distributed.all_reduce(flag := torch.tensor([len(stop)], device=device))
-                stop += [signal.SIGTERM] if flag.item() and not stop else []
-            if args.sample_every and step % args.sample_every == 0 and rank == 0:  # same seed: comparable
+            if args.sample_every and step % args.sample_every == 0:  # EMA previews, all from one seed
                 with amp:
                     x = sample_ddim(ema.model, sched, (16 if data.dim() > 2 else 2000, *data.shape[1:]),
                                     min(50, args.T), generator=torch.Generator(device).manual_seed(0))
@@ -435,14 +403,13 @@ def train(args):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     save()
-    log(f"saved {args.out} at step {step}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    print(f"saved {args.out} at step {step}")
     if stop:
         print(f"stopped by signal {stop[0]}; continue with --resume {args.out}", file=sys.stderr)
     return 128 + stop[0] if stop else 0
 
 # --- Command line: sample from a checkpoint, and main -------------------------------------------------------
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "mnist.pt")  # recipe: README
 def sample(args):
     device, precision = pick_device(args.device, args.precision)
     if not 0 <= args.eta <= 1 or args.eta and args.sampler == "dpm":
@@ -450,13 +417,13 @@ def sample(args):
     if os.path.splitext(args.out)[1].lower() not in (".png", ".npz", ".gif"):
         raise UserError(f"--out {args.out}: use .png (a grid), .npz (uint8 arrays) or .gif (reverse process)")
     check_writable(args.out)
-    ckpt, model = load_checkpoint(args.ckpt, device)
+    ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)  # no --ckpt: the model shipped in samples/
     sched = make_schedule(ckpt["config"]["train"]["schedule"], ckpt["config"]["train"]["T"])
     steps = args.steps or {"ddpm": sched.T, "ddim": min(50, sched.T), "dpm": min(20, sched.T)}[args.sampler]
     if steps > sched.T or (args.sampler == "ddpm" and steps != sched.T):
         raise UserError(f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T")
     gen, gen_cpu = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
-    K, eps_model = model.config.get("n_classes", 0), model
+    K, eps_model = model.config.get("n_classes", 0), model  # the MLP has no labels
     if args.cls is not None:  # a class index, or "all": K rows of K samples, one row per class
         if not K or args.cls != "all" and not (args.cls.isdigit() and int(args.cls) < K):
             raise UserError(f"--class {args.cls}: " + (f"0..{K - 1} or all" if K else "unconditional model"))
@@ -472,8 +439,8 @@ def sample(args):
         x, (fresh, fresh2) = (out[0] if gif else out).cpu(), make_swissroll(2 * args.n, gen_cpu).split(args.n)
         print(f"sliced W2 to fresh data {sliced_wasserstein(x, fresh, gen_cpu):.4f} "
               f"(two fresh sets: {sliced_wasserstein(fresh2, fresh, gen_cpu):.4f})")
-    print(f"wrote {args.out}: {args.n} samples, {args.sampler} with {steps} steps, {time.time() - t0:.1f}s "
-          f"(checkpoint {args.ckpt} at step {ckpt['step']}, {precision})")
+    print(f"wrote {args.out}: {args.n} samples, {args.sampler} with {steps} steps, {time.time() - t0:.1f}s, "
+          f"{precision} (checkpoint {args.ckpt or 'shipped in samples/'} at step {ckpt['step']})")
     return 0
 
 def main(argv=None):
@@ -484,19 +451,18 @@ def main(argv=None):
     sa = sub.add_parser("sample", help="Algorithm 2, DDIM or DPM-Solver++ sampling", formatter_class=fmt)
     for p in (tr, sa):
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-        p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                       help="the network's; auto: bf16 where native, else fp16 on CUDA, else fp32")
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     # train: system
-    tr.add_argument("--dataset", choices=["mnist", "swissroll"], default="mnist", help="images or 2-D points")
-    tr.add_argument("--data-dir", default="./data", help="MNIST is downloaded here when absent")
+    tr.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10, swissroll, or a folder")
+    tr.add_argument("--data-dir", default="./data", help="mnist, fashion, cifar10 are downloaded here")
+    tr.add_argument("--image-size", type=int, choices=[8, 16, 32, 64, 128], default=32, help="for folders")
     tr.add_argument("--cond", action="store_true", help="class-conditional, for classifier-free guidance")
     tr.add_argument("--p-uncond", type=float, default=0.1, help="with --cond: how often the label is dropped")
     tr.add_argument("--out", default="ckpt.pt", help="checkpoint path")
     tr.add_argument("--resume", metavar="PATH", help="continue this checkpoint's run (model, data, lr...)")
     tr.add_argument("--save-every", type=int, help="steps between checkpoints; None: once per epoch")
     tr.add_argument("--sample-every", type=int, default=0, help="steps between EMA preview grids; 0: none")
-    tr.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     # train: model and schedule
     tr.add_argument("--ch", type=int, default=32, help="base width of the U-Net")
     tr.add_argument("--ch-mult", type=lambda s: list(map(int, s.split(","))), default=[1, 2, 2], help="U-Net")
@@ -506,11 +472,10 @@ def main(argv=None):
     # train: optimization
     tr.add_argument("--epochs", type=int, default=30, help="passes over the data")
     tr.add_argument("--steps", type=int, help="total optimizer steps; overrides --epochs")
-    tr.add_argument("--batch-size", type=int, default=128, help="images per step (per process, torchrun)")
+    tr.add_argument("--batch-size", type=int, default=128, help="images (or points) per step")
     tr.add_argument("--lr", type=float, help="AdamW learning rate; None: 2e-4 for images, 2e-3 for points")
     tr.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay after warm-up")
-    # sample
-    sa.add_argument("--ckpt", default="ckpt.pt", help="checkpoint written by train")
+    sa.add_argument("--ckpt", help="checkpoint written by train; None: the model shipped in samples/")
     sa.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], default="ddpm", help="dpm: DPM-Solver++")
     sa.add_argument("--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim, 20 for dpm")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like")
@@ -521,7 +486,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         for k, low in {"T": 2, "ch": 1, "n_res": 1, "epochs": 1, "steps": 1, "batch_size": 1, "n": 1,
-                       "log_every": 1, "save_every": 1}.items():
+                       "save_every": 1}.items():
             if getattr(args, k, None) is not None and getattr(args, k) < low:
                 raise UserError(f"--{k.replace('_', '-')} must be at least {low}")
         return train(args) if args.cmd == "train" else sample(args)
