@@ -163,10 +163,10 @@ class UNet(nn.Module):
             c = w
         self.mid1, self.attn, self.mid2 = ResBlock(c, c, t_dim), Attention(c), ResBlock(c, c, t_dim)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i, w in reversed(list(enumerate(widths))):  # the first block of a level also takes the skip
+        for i, w in reversed(list(enumerate(widths, 1))):  # a level's first block also takes the skip
             self.up.append(nn.ModuleList([ResBlock(c + w if j == 0 else w, w, t_dim) for j in range(n_res)]))
             self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(w, w, 3, padding=1))
-                                 if i > 0 else nn.Identity())
+                                 if i > 1 else nn.Identity())
             c = w
         self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, in_ch, 3, padding=1)
     def forward(self, x, t, y=None):  # y: class labels; None: "no label", as always when n_classes = 0
@@ -229,8 +229,8 @@ def to_pixels(x):
 def make_swissroll(n, generator):  # Sohl-Dickstein et al. 2015, Fig. 1: (n, 2) points on a spiral, |x| < 1.5
     u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
     return (torch.stack([u * u.cos(), u * u.sin()], dim=1) / 10).float()
-def sliced_wasserstein(x, y, generator, n_dirs=256):  # two samples of one distribution: ~ n^-1/2 apart
-    # W2 of equal-size sets in 1-D pairs the sorted samples in order: the mean W2^2 over random directions
+def sliced_wasserstein(x, y, generator, n_dirs=256):  # two equal-size sets; sqrt of the mean 1-D W2^2 over
+    # random directions. In 1-D, W2 pairs sorted samples in order; two samples of one law are ~ n^-1/2 apart
     d = F.normalize(torch.randn(x.shape[1], n_dirs, generator=generator, dtype=x.dtype), dim=0)
     return ((x @ d).sort(0).values - (y @ d).sort(0).values).pow(2).mean().sqrt().item()
 
@@ -341,7 +341,7 @@ def train(args):
     ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
     if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
         run = "dataset image_size cond p_uncond ch ch_mult n_res schedule T batch_size lr ema_decay seed"
-        vars(args).update({k: ckpt["config"]["train"][k] for k in run.split()})
+        vars(args).update({k: v for k, v in ckpt["config"]["train"].items() if k in run.split()})
     data, labels = load_data(args.dataset, args.data_dir, args.seed, args.image_size)
     if args.cond and labels is None:
         raise UserError(f"--cond: {args.dataset} has no labels")
