@@ -214,8 +214,7 @@ class EMA:  # the weights' moving average, sampled from; decay min(decay, (1 + n
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
     @torch.no_grad()
     def update(self, model):
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
-        self.n += 1
+        d, self.n = min(self.decay, (1 + self.n) / (10 + self.n)), self.n + 1
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p, 1 - d)  # e = d * e + (1 - d) * p
 
@@ -339,6 +338,8 @@ def train(args):
     device, args.precision = pick_device(args.device, args.precision)
     check_writable(args.out)
     ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
+    if ckpt and "opt" not in ckpt:
+        raise UserError(f"--resume {args.resume}: has EMA weights only (like samples/), no training state")
     if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
         run = "dataset image_size cond p_uncond ch ch_mult n_res schedule T batch_size lr ema_decay seed"
         vars(args).update({k: v for k, v in ckpt["config"]["train"].items() if k in run.split()})

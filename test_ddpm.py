@@ -1,6 +1,7 @@
 """The proof that ddpm.py is the papers' math. Identities are checked between two code paths, samplers
-against oracles, statistics with tolerances derived from the sample size. No network, no real MNIST:
-the CLI tests write tiny MNIST-format files of their own, so torchvision's real loading code runs."""
+against oracles, statistics with tolerances derived from the sample size. No network, no real data set:
+the tests write tiny files of their own in each format (MNIST's IDX, CIFAR-10's pickles, a folder of PNGs),
+so torchvision's real loading code runs."""
 import math
 import os
 import signal
@@ -567,6 +568,7 @@ def test_same_seed_gives_the_same_file(trained):
 def bad_checkpoints(d, ckpt):
     (d / "corrupt.pt").write_bytes(b"not a checkpoint")
     state = torch.load(ckpt, weights_only=True)
+    torch.save({k: state[k] for k in ("config", "ema", "step")}, d / "ema_only.pt")  # as shipped in samples/
     state["config"]["model"]["ch"] = 16  # claims another architecture than its weights
     torch.save(state, d / "other_arch.pt")
 
@@ -587,6 +589,7 @@ def bad_checkpoints(d, ckpt):
     (["train", "--resume", "{d}/corrupt.pt", "--out", "{d}/keep.png"], "is not a ddpm.py checkpoint"),
     (["train", "--dataset", "{d}/no_such_folder", "--out", "{d}/keep.png"], "neither a known data set nor"),
     (["train", "--T", "1", "--out", "{d}/keep.png"], "--T must be at least 2"),
+    (["train", "--resume", "{d}/ema_only.pt", "--out", "{d}/keep.png"], "EMA weights only"),
 ])
 def test_bad_input_is_one_line_and_overwrites_nothing(trained, capsys, args, message):
     d, ckpt = trained
