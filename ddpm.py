@@ -252,8 +252,7 @@ def load_data(dataset, data_dir, seed=0, image_size=32):
             folder = torchvision.datasets.ImageFolder(dataset)  # class sub-folders, in name order, are labels
         except OSError as e:  # no such folder, no sub-folder, or no image file in them
             raise UserError(f"--dataset {dataset}: neither a known data set nor a folder of images ({e})")
-        images = [read_image(path, image_size) for path, _ in folder.samples]
-        return torch.stack(images), torch.tensor(folder.targets)
+        return torch.stack([read_image(f, image_size) for f, _ in folder.imgs]), torch.tensor(folder.targets)
     try:
         ds = DATASETS[dataset](data_dir, train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError or URLError when it cannot download
@@ -425,11 +424,12 @@ def sample(args):
         raise UserError(f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T")
     gen, gen_cpu = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
     K, eps_model = model.config.get("n_classes", 0), model  # the MLP has no labels
-    if args.cls is not None:  # a class index, or "all": K rows of K samples, one row per class
-        if not K or args.cls != "all" and not (args.cls.isdigit() and int(args.cls) < K):
-            raise UserError(f"--class {args.cls}: " + (f"0..{K - 1} or all" if K else "unconditional model"))
+    if args.cls is not None or args.guidance is not None:  # a class, or "all": K rows of K, a row a class
+        if not K or not (args.cls == "all" or args.cls and args.cls.isdigit() and int(args.cls) < K):
+            raise UserError(f"--class {args.cls}: " + (f"0..{K - 1} or all" if K else "unconditional net"))
         y = torch.arange(K * K) // K if args.cls == "all" else torch.full((args.n,), int(args.cls))
-        args.n, eps_model = len(y), guided(model, y.to(device), args.guidance)
+        eps_model = guided(model, y.to(device), 3.0 if args.guidance is None else args.guidance)
+        args.n = len(y)
     shape, gif, t0 = (args.n, *ckpt["config"]["data_shape"]), args.out.lower().endswith(".gif"), time.time()
     order = 2 if args.sampler == "dpm" else 1  # DPM-Solver++(2M) is DDIM's second-order form
     with autocast(device, precision):
@@ -482,7 +482,7 @@ def main(argv=None):
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like")
     sa.add_argument("--n", type=int, default=64, help="number of samples")
     sa.add_argument("--class", dest="cls", help="a class index or all (a row per class); None: unconditional")
-    sa.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance w; 0: conditional")
+    sa.add_argument("--guidance", type=float, help="classifier-free guidance w, for --class; None: 3")
     sa.add_argument("--out", default="sample.png", help=".png grid, .npz uint8 images, .gif reverse process")
     args = parser.parse_args(argv)
     try:

@@ -903,10 +903,13 @@ def test_cond_cli_trains_and_samples_a_class_and_all_classes(tmp_path, capsys):
     assert Image.open(tmp_path / "all.png").size == (10 * 34 + 2, 10 * 34 + 2)  # a row per class
     assert ddpm.main(["sample", "--ckpt", ckpt, "--class", "10", "--out", str(tmp_path / "x.png")]) == 2
     assert "--class 10: 0..9 or all" in capsys.readouterr().err
+    assert ddpm.main(["sample", "--ckpt", ckpt, "--guidance", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--class None: 0..9 or all" in capsys.readouterr().err  # guidance needs a class
     plain = str(tmp_path / "plain.pt")
     assert ddpm.main(["train", "--data-dir", str(tmp_path), "--steps", "1", "--out", plain] + TINY) == 0
-    assert ddpm.main(["sample", "--ckpt", plain, "--class", "3", "--out", str(tmp_path / "x.png")]) == 2
-    assert "unconditional model" in capsys.readouterr().err
+    for flag in (["--class", "3"], ["--guidance", "1"]):
+        assert ddpm.main(["sample", "--ckpt", plain, "--out", str(tmp_path / "x.png")] + flag) == 2
+        assert "unconditional net" in capsys.readouterr().err
     assert ddpm.main(["train", "--dataset", "swissroll", "--cond", "--out", str(tmp_path / "r.pt")]) == 2
     assert "swissroll has no labels" in capsys.readouterr().err
 
