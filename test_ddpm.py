@@ -939,3 +939,15 @@ def test_sample_without_ckpt_uses_the_shipped_half_precision_model_and_says_so(t
     assert ddpm.main(args + ["--ckpt", ckpt, "--out", str(tmp_path / "b.npz")]) == 0
     a, b = (np.load(tmp_path / f)["images"].astype(int) for f in ("a.npz", "b.npz"))
     assert np.abs(a - b).mean() < 2  # fp16 rounding of the weights moves pixels by less than 2 levels
+
+
+def test_the_shipped_model_is_small_half_precision_conditional_and_samples_every_class(tmp_path):
+    """samples/mnist.pt is what `python ddpm.py sample` uses on a fresh clone (README: how it was trained)."""
+    assert os.path.getsize(ddpm.SHIPPED) <= 8_000_000
+    state = torch.load(ddpm.SHIPPED, weights_only=True)
+    assert set(state) == {"config", "ema", "step"} and all(v.dtype == torch.float16 for v in state["ema"].values())
+    assert state["config"]["model"]["n_classes"] == 10 and state["config"]["data_shape"] == [1, 32, 32]
+    assert not {"data_dir", "out", "resume"} & set(state["config"]["train"])  # no paths of the machine that trained it
+    out = str(tmp_path / "s.npz")
+    assert ddpm.main(["sample", "--sampler", "dpm", "--steps", "5", "--class", "all", "--out", out]) == 0
+    assert np.load(out)["images"].shape == (100, 1, 32, 32)
