@@ -1,184 +1,338 @@
 """ddpm.py: Denoising Diffusion Probabilistic Models in one file, to read next to the papers:
   DDPM  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239
   DDIM  Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502
-Sections follow the papers, then the networks, data, training and CLI; eq. numbers are DDPM's unless "DDIM".
 
-    python ddpm.py sample --sampler ddim      # DDIM, 50 steps, from the model in samples/: writes sample.png
+    python ddpm.py sample --sampler ddim      # DDIM, 50 steps, the model in samples/: sample.png
     python ddpm.py train --epochs 30          # Algorithm 1 on MNIST, writes ckpt.pt
-    python -m pytest                          # the tests: the code is the paper's math
+    python -m pytest                          # the tests: the code is the papers' math
 
-Time index, used everywhere: t = 1..T as in the paper. Every schedule tensor has length T + 1 and index
+The papers' core comes first: the schedule and forward process, Algorithm 1, Algorithm 2, DDIM, the
+eps-network. Then what goes beyond them: DPM-Solver++(2M), classifier-free guidance, EMA. Then the
+machinery: data, files, device and precision, the training loop, the command line.
+Equation numbers are DDPM's unless marked "DDIM" or another paper.
+
+Time index, used everywhere: t = 1..T as in DDPM. Every schedule tensor has length T + 1 and index
 0 means "no noise": beta[0] = 0, alpha_bar[0] = 1, so x_0 is data and the network only sees t >= 1.
+
+Notation. The three papers give one quantity different names; this file uses DDPM's:
+    code                     DDPM              DDIM              DPM-Solver++ (Lu et al. 2022)
+    alpha_bar[t]             alpha_bar_t       alpha_t           alpha_t ** 2
+    (1 - alpha_bar[t])**0.5  sqrt(1 - a_bar)   sqrt(1 - alpha_t) sigma_t
+    lam[t]                   -                 -                 lambda_t = log(alpha_t / sigma_t)
+    sigma (sampling noise)   sigma_t           sigma_tau(eta)    - (deterministic)
+    x0_hat                   x_0 from eq. (15) "predicted x_0"   x_theta, the data prediction
 """
-import argparse, copy, math, os, signal, sys, time
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import signal
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-# --- Noise schedule and forward process q(x_t | x_0) --------------------------------------------------------
+# ==================================== The papers' core ====================================
+
+
+# --- Noise schedule and forward process q(x_t | x_0): DDPM eqs. (2), (4), (6), (7) ---------------
 @dataclass
-class Schedule:  # float64 on the CPU; gather() moves the few values a batch needs to its device
+class Schedule:
+    """Every per-step constant, float64 on the CPU. Where each sample has its own t (training),
+    gather(a, t, x) picks a[t]; the samplers, whose whole batch is at one step, index a[step]."""
+
     T: int
-    beta: torch.Tensor        # (T+1,) variance added at step t, eq. (2); beta[0] = 0
-    alpha: torch.Tensor       # 1 - beta
-    alpha_bar: torch.Tensor   # prod_{s<=t} alpha_s, eq. (4); alpha_bar[0] = 1
-    beta_tilde: torch.Tensor  # posterior variance of q(x_{t-1} | x_t, x_0), eq. (7); beta_tilde[1] = 0
-    lam: torch.Tensor         # lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)), DPM-Solver's time
+    beta: torch.Tensor  # (T+1,) variance added at step t, eq. (2); beta[0] = 0
+    alpha: torch.Tensor  # 1 - beta
+    alpha_bar: torch.Tensor  # prod_{s<=t} alpha_s, eq. (4); alpha_bar[0] = 1
+    beta_tilde: torch.Tensor  # variance of q(x_{t-1} | x_t, x_0), eq. (7); beta_tilde[1] = 0
+    lam: torch.Tensor  # log(sqrt(alpha_bar) / sqrt(1 - alpha_bar)): DPM-Solver's time, lam[0] = inf
 
-def make_schedule(kind, T):  # every per-step constant, computed once in float64
+
+def make_schedule(kind, T):
     assert kind in ("linear", "cosine"), kind
-    if kind == "linear":  # Ho et al.: 1e-4 .. 0.02 at T = 1000; x 1000/T keeps alpha_bar_T ~ exp(-10)
+    if kind == "linear":  # Ho et al.: 1e-4 .. 0.02 at T = 1000; x 1000/T keeps alpha_bar_T ~ e^-10
         beta = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
-    else:  # cosine: Nichol & Dhariwal 2021, eq. (17): alpha_bar from f(t) = cos^2(...)
-        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    else:  # cosine: Nichol & Dhariwal 2021, eq. (17): alpha_bar_t = f(t) / f(0)
+        s = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         beta = 1 - f[1:] / f[:-1]
-    beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta.clamp(max=0.999)])  # cap: no step may erase x
-    alpha_bar = torch.cumprod(1 - beta, 0)
-    beta_tilde = torch.cat([beta[:1], (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]])  # eq. (7)
-    return Schedule(T, beta, 1 - beta, alpha_bar, beta_tilde, 0.5 * (alpha_bar / (1 - alpha_bar)).log())
+    beta = beta.clamp(max=0.999)  # no single step may erase x entirely
+    beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])  # index 0: no noise
+    alpha = 1 - beta
+    alpha_bar = torch.cumprod(alpha, 0)
+    beta_tilde = torch.zeros_like(beta)
+    beta_tilde[1:] = (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]  # eq. (7)
+    lam = 0.5 * (alpha_bar / (1 - alpha_bar)).log()
+    return Schedule(T, beta, alpha, alpha_bar, beta_tilde, lam)
 
-def gather(a, t, x):  # a[t] per sample, shaped (B, 1, ..., 1) to broadcast against x of any rank
+
+def gather(a, t, x):  # a[t] per sample, shaped (B, 1, ..., 1) to multiply x of any rank
     return a[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-def q_sample(x0, t, eps, sched):  # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. (4)
-    return gather(sched.alpha_bar, t, x0).sqrt() * x0 + (1 - gather(sched.alpha_bar, t, x0)).sqrt() * eps
-def predict_x0(xt, t, eps, sched):  # eq. (4) solved for x_0 given the noise: the x_0-prediction of eq. (15)
-    return (xt - (1 - gather(sched.alpha_bar, t, xt)).sqrt() * eps) / gather(sched.alpha_bar, t, xt).sqrt()
-def q_posterior(x0, xt, t, sched):  # mean and variance of q(x_{t-1} | x_t, x_0), eqs. (6)-(7)
-    ab, ab_prev = gather(sched.alpha_bar, t, xt), gather(sched.alpha_bar, t - 1, xt)
-    mean = (ab_prev.sqrt() * gather(sched.beta, t, xt) * x0
-            + gather(sched.alpha, t, xt).sqrt() * (1 - ab_prev) * xt) / (1 - ab)
+
+
+def q_sample(
+    x0, t, eps, sched
+):  # x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I), eq. (4)
+    alpha_bar = gather(sched.alpha_bar, t, x0)
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+
+
+def predict_x0(xt, t, eps, sched):  # eq. (4) solved for x_0, given the noise: x0_hat of eq. (15)
+    alpha_bar = gather(sched.alpha_bar, t, xt)
+    return (xt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def q_posterior(x0, xt, t, sched):
+    """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. (6)-(7). Algorithm 2 does not call it: its
+    line 4 (eq. 11) is this mean with x_0 = x0_hat, in eps; a test replays Algorithm 2 here."""
+    alpha_bar = gather(sched.alpha_bar, t, xt)
+    alpha_bar_prev = gather(sched.alpha_bar, t - 1, xt)  # alpha_bar_{t-1}
+    beta = gather(sched.beta, t, xt)
+    alpha = gather(sched.alpha, t, xt)
+    mean = (alpha_bar_prev.sqrt() * beta * x0 + alpha.sqrt() * (1 - alpha_bar_prev) * xt) / (
+        1 - alpha_bar
+    )
     return mean, gather(sched.beta_tilde, t, xt)
 
-# --- Training objective (Algorithm 1) -----------------------------------------------------------------------
-def randn_like(x, generator):  # z ~ N(0, I) from the caller's generator: one seed fixes every sample
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-def loss_fn(eps_model, x0, sched, generator=None):  # L_simple, eq. (14): t ~ U{1..T}, eps ~ N(0, I), MSE
-    t = torch.randint(1, sched.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
-    eps = randn_like(x0, generator)
-    return F.mse_loss(eps_model(q_sample(x0, t, eps, sched), t).float(), eps.float())
 
-# --- Sampling: Algorithm 2 (DDPM), DDIM, DPM-Solver++; any eps_model(x_t, t) -> eps works (tests: oracles) -
+# --- Algorithm 1: training ------------------------------------------------------------------------
+def noise_like(
+    x, generator
+):  # z ~ N(0, I) shaped like x, from the caller's generator: seeds fix samples
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def loss_fn(eps_model, x0, sched, generator=None):
+    """L_simple, eq. (14): the mean over pixels where eq. (14) sums them (a constant factor)."""
+    t = torch.randint(
+        1, sched.T + 1, (x0.shape[0],), generator=generator, device=x0.device
+    )  # line 3
+    eps = noise_like(x0, generator)  # line 4
+    xt = q_sample(x0, t, eps, sched)
+    return F.mse_loss(
+        eps_model(xt, t).float(), eps.float()
+    )  # line 5, in fp32 whatever the network's
+
+
+NO_AUTOCAST = contextlib.nullcontext()
+NO_LOSS_SCALING = torch.amp.GradScaler("cpu", enabled=False)
+
+
+def train_step(
+    net, opt, x0, sched, generator=None, y=None, amp=NO_AUTOCAST, scaler=NO_LOSS_SCALING
+):
+    """Algorithm 1, lines 2-5, once: returns the loss, or None if the step was skipped.
+    Additions to the paper: gradient-norm clipping at 1 (as Ho et al.'s released code), the network
+    under autocast `amp` (bf16/fp16), fp16 loss scaling by `scaler`, and a skip instead of an update
+    when the loss or gradient is not finite, so no NaN ever reaches the weights. y: class labels."""
+    with amp:
+        loss = loss_fn(lambda xt, t: net(xt, t, y), x0, sched, generator)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # the true gradient, for clipping
+    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        scaler.update()  # an fp16 overflow: a smaller loss scale next step
+        print(
+            f"warning: loss {loss.item()}, grad norm {grad_norm.item()}: step skipped",
+            file=sys.stderr,
+        )
+        return None
+    scaler.step(opt)  # line 5: the gradient step
+    scaler.update()
+    return loss.item()
+
+
+# --- Algorithm 2: sampling ------------------------------------------------------------------------
+def initial_noise(
+    shape, generator, x_T=None
+):  # x_T ~ N(0, I) on the generator's device, unless given
+    if x_T is not None:
+        return x_T
+    return torch.randn(shape, generator=generator, device=getattr(generator, "device", None))
+
+
 @torch.inference_mode()
-def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_T=None, trajectory=False):
-    """Algorithm 2. sigma2 = "beta_tilde" or "beta": the two choices of sigma_t^2 in Section 3.2."""
-    device = getattr(generator, "device", None)
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # line 1
+def sample_ddpm(
+    eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_T=None, trajectory=False
+):
+    """Algorithm 2 as printed. sigma2 = "beta_tilde" or "beta", the two sigma_t^2 of Section 3.2.
+    Line 4 is eq. (11); the route through x0_hat and the posterior mean, eq. (7), is the same."""
+    x = initial_noise(shape, generator, x_T)  # line 1
     xs = [x]
-    var = {"beta_tilde": sched.beta_tilde, "beta": sched.beta}[sigma2]
+    sigma = {"beta_tilde": sched.beta_tilde, "beta": sched.beta}[sigma2].sqrt()
     for step in range(sched.T, 0, -1):  # line 2
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         # line 3: no noise at the last step, otherwise every sample keeps sigma_1 * z of noise
-        z = randn_like(x, generator) if step > 1 else 0
+        z = noise_like(x, generator) if step > 1 else 0
         eps = eps_model(x, t).to(x.dtype)
-        mean = (x - sched.beta[step] / (1 - sched.alpha_bar[step]).sqrt() * eps) / sched.alpha[step].sqrt()
-        x = mean + var[step].sqrt() * z  # line 4
+        beta = sched.beta[step]
+        alpha = sched.alpha[step]
+        alpha_bar = sched.alpha_bar[step]
+        x = (x - beta / (1 - alpha_bar).sqrt() * eps) / alpha.sqrt() + sigma[step] * z  # line 4
         xs.append(x)
-    return (x, xs) if trajectory else x  # line 6
+    return (x, xs) if trajectory else x  # line 6: x_0
 
-def ddim_timesteps(T, steps):  # DDIM's tau: `steps` distinct integers, T to 1 (a spacing >= 1 rounds apart)
+
+# --- DDIM (Song et al. 2021): eq. (12) on a sub-sequence tau of 1..T ------------------------------
+def ddim_timesteps(T, steps):
+    """The "trailing" spacing: round(linspace(T, 1, steps)), `steps` distinct integers from T to 1.
+    DDIM's own tau_i = floor(c i) never reaches t = T, where training put pure noise."""
     return torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
-def ddim_sigma(sched, t, t_prev, eta):  # DDIM eq. (16): eta = 1 on the full grid is beta_tilde, 0 no noise
-    ab, ab_prev = sched.alpha_bar[t], sched.alpha_bar[t_prev]
-    return eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
-def dpm_timesteps(sched, steps):  # T, then even in lambda from max(lambda_T, -5) to lambda_1 ("logSNR" steps)
-    taus = [sched.T]
-    for target in torch.linspace(max(sched.lam[sched.T].item(), -5), sched.lam[1].item(), steps)[1:]:
-        t = int((sched.lam[1:] - target).abs().argmin()) + 1
-        taus.append(max(min(t, taus[-1] - 1), steps - len(taus)))  # distinct, and room for the rest
-    return taus
+
+
+def ddim_sigma(sched, t, t_next, eta):  # DDIM eq. (16); eta = 1 on the full grid is beta_tilde
+    alpha_bar, alpha_bar_next = sched.alpha_bar[t], sched.alpha_bar[t_next]
+    return (
+        eta
+        * ((1 - alpha_bar_next) / (1 - alpha_bar)).sqrt()
+        * (1 - alpha_bar / alpha_bar_next).sqrt()
+    )
+
 
 @torch.inference_mode()
-def sample_ddim(eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=None, trajectory=False,
-                order=1):
-    """DDIM eq. (12) on ddim_timesteps(T, steps): `steps` network calls; the last goes to t_prev = 0, where
-    alpha_bar = 1 and sigma = 0: it returns x0_hat, no special case. order=2: DPM-Solver++(2M) (Lu et al.
-    2022, Alg. 2) on dpm_timesteps, x0_hat extrapolated linearly in lambda from the last step's."""
-    device = getattr(generator, "device", None)
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T  # x_T ~ N(0, I)
+def sample_ddim(
+    eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=None, trajectory=False
+):
+    """DDIM eq. (12), one network call per step; t_next is the sampler's next step, a smaller t.
+    The last step goes to t_next = 0, where alpha_bar = 1 and sigma = 0: it returns x0_hat."""
+    x = initial_noise(shape, generator, x_T)
     xs = [x]
-    taus = ddim_timesteps(sched.T, steps) if order == 1 else dpm_timesteps(sched, steps)
-    for i, (step, step_prev) in enumerate(zip(taus, taus[1:] + [0])):
+    taus = ddim_timesteps(sched.T, steps)
+    for step, step_next in zip(taus, taus[1:] + [0]):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         eps = eps_model(x, t).to(x.dtype)
-        x0_hat = x0_net = predict_x0(x, t, eps, sched)
-        if order == 2 and i > 0 and step_prev > 0:  # D_i of Algorithm 2, with r_i = h_{i-1} / h_i
-            r = (sched.lam[step] - sched.lam[taus[i - 1]]) / (sched.lam[step_prev] - sched.lam[step])
-            x0_hat = x0_net + (x0_net - x0_prev) / (2 * r)
-            eps = (x - sched.alpha_bar[step].sqrt() * x0_hat) / (1 - sched.alpha_bar[step]).sqrt()  # eq. (15)
-        x0_prev = x0_net
-        ab_prev, sigma = sched.alpha_bar[step_prev], ddim_sigma(sched, step, step_prev, eta)
-        z = randn_like(x, generator) if eta > 0 else 0
-        x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).sqrt() * eps + sigma * z  # eq. (12)
+        x0_hat = predict_x0(x, t, eps, sched)  # "predicted x_0"
+        alpha_bar_next = sched.alpha_bar[step_next]
+        sigma = ddim_sigma(sched, step, step_next, eta)
+        z = noise_like(x, generator) if eta > 0 else 0
+        x = (
+            alpha_bar_next.sqrt() * x0_hat
+            + (1 - alpha_bar_next - sigma**2).sqrt() * eps
+            + sigma * z
+        )
         xs.append(x)
     return (x, xs) if trajectory else x
 
-# --- The epsilon-network ------------------------------------------------------------------------------------
-# Any R^n -> R^n model that also takes t works. For images, a small U-Net of Ho et al. (Appendix B).
-def timestep_embedding(t, dim):  # Transformer sinusoids of the integer step t (Vaswani et al.), as Ho et al.
-    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    angles = t.float()[:, None] * freqs[None]
+
+# --- The eps-network ------------------------------------------------------------------------------
+# Any R^n -> R^n model that also takes t works (the tests use closed-form ones). For images, a small
+# version of Ho et al.'s U-Net (Appendix B); for 2-D points, an MLP.
+def timestep_embedding(t, dim):
+    """Transformer sinusoids of the integer step t (Vaswani et al.), as Ho et al.
+    The frequencies are 10000^(-i / half); Ho et al.'s code divides by half - 1 (kept:
+    trained weights depend on it)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, dim)
-def norm(c):  # 32 groups (Ho et al.) from c = 128 up, else 4 channels a group: 1 erases ResBlock's t bias
-    return nn.GroupNorm(math.gcd(32, max(c // 4, 1)), c)
+
+
+def norm(c):
+    """GroupNorm with gcd(32, c // 4, c) groups: 32 (Ho et al.) from c = 128 up, and at least 4
+    channels a group: one channel a group would subtract ResBlock's per-channel t bias."""
+    return nn.GroupNorm(math.gcd(32, max(c // 4, 1), c), c)
+
 
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, t_dim):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.t_proj = nn.Linear(t_dim, c_out)  # the time embedding enters as a per-channel bias
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1 = norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(t_dim, c_out)  # t enters as a per-channel bias (Ho: after a SiLU)
+        self.norm2 = norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x))) + self.t_proj(emb)[:, :, None, None]  # (B, c_out, H, W)
-        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
-class Attention(nn.Module):  # single-head self-attention over all H*W positions, residual
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(emb)[:, :, None, None]  # (B, c_out, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):  # single-head self-attention over all H * W positions, residual
     def __init__(self, c):
         super().__init__()
-        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm = norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2)  # (B, 3, HW, C)
+        q, k, v = qkv.unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)
 
+
 class UNet(nn.Module):
-    """eps_theta(x_t, t). Level i: width ch * ch_mult[i] at H / 2^i; H, W must divide by 2^(levels - 1)."""
+    """eps_theta(x_t, t, y). Level i = 1..L has width ch * ch_mult[i-1] at resolution H / 2^(i-1),
+    so H and W must divide by 2^(L-1). y: class labels for classifier-free guidance (see there);
+    label n_classes means "no label", the only one an unconditional net (n_classes = 0) has."""
+
     def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2, n_classes=0):
         super().__init__()
-        self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res, n_classes=n_classes)  # in checkpoints
-        t_dim, widths = 4 * ch, [ch * m for m in ch_mult]
+        self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res, n_classes=n_classes)
+        t_dim = 4 * ch
+        widths = [ch * m for m in ch_mult]
         self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
-        self.label_emb = nn.Embedding(n_classes + 1, t_dim)  # label n_classes means "no label"
+        self.label_emb = nn.Embedding(n_classes + 1, t_dim)  # added to the time embedding
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        self.down, self.downsample, c = nn.ModuleList(), nn.ModuleList(), ch
-        for i, w in enumerate(widths, 1):  # levels 1..L; all but the last halve H and W (a stride-2 conv)
-            self.down.append(nn.ModuleList([ResBlock(c if j == 0 else w, w, t_dim) for j in range(n_res)]))
-            self.downsample.append(nn.Conv2d(w, w, 3, 2, padding=1) if i < len(widths) else nn.Identity())
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        c = ch
+        for i, w in enumerate(widths, 1):  # every level but the last halves H and W
+            self.down.append(
+                nn.ModuleList([ResBlock(c if j == 0 else w, w, t_dim) for j in range(n_res)])
+            )
+            last = i == len(widths)
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(w, w, 3, 2, padding=1))
             c = w
-        self.mid1, self.attn, self.mid2 = ResBlock(c, c, t_dim), Attention(c), ResBlock(c, c, t_dim)
-        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i, w in reversed(list(enumerate(widths, 1))):  # a level's first block also takes the skip
-            self.up.append(nn.ModuleList([ResBlock(c + w if j == 0 else w, w, t_dim) for j in range(n_res)]))
-            self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(w, w, 3, padding=1))
-                                 if i > 1 else nn.Identity())
+        self.mid1 = ResBlock(c, c, t_dim)
+        self.attn = Attention(c)
+        self.mid2 = ResBlock(c, c, t_dim)
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i, w in reversed(
+            list(enumerate(widths, 1))
+        ):  # a level's first block also takes the skip
+            self.up.append(
+                nn.ModuleList([ResBlock(c + w if j == 0 else w, w, t_dim) for j in range(n_res)])
+            )
+            double = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(w, w, 3, padding=1))
+            self.upsample.append(double if i > 1 else nn.Identity())
             c = w
-        self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, in_ch, 3, padding=1)
-    def forward(self, x, t, y=None):  # y: class labels; None: "no label", as always when n_classes = 0
-        y = torch.full_like(t, self.config["n_classes"]) if y is None else y
-        emb = self.time_mlp(timestep_embedding(t, self.config["ch"])) + self.label_emb(y)  # (B, t_dim)
-        h, skips = self.conv_in(x), []
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, in_ch, 3, padding=1)
+
+    def forward(self, x, t, y=None):
+        if y is None:
+            y = torch.full_like(t, self.config["n_classes"])  # "no label"
+        emb = self.time_mlp(timestep_embedding(t, self.config["ch"])) + self.label_emb(
+            y
+        )  # (B, t_dim)
+        h = self.conv_in(x)
+        skips = []
         for blocks, down in zip(self.down, self.downsample):
             for block in blocks:
                 h = block(h, emb)
-            skips.append(h)
+            skips.append(h)  # one skip per level (Ho et al.: one per block)
             h = down(h)
-        h = self.mid2(self.attn(self.mid1(h, emb)), emb)  # lowest resolution
+        h = self.mid1(h, emb)
+        h = self.attn(h)  # at the lowest resolution only (Ho et al.: also at 16 x 16)
+        h = self.mid2(h, emb)
         for blocks, up in zip(self.up, self.upsample):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
@@ -186,54 +340,159 @@ class UNet(nn.Module):
             h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-class MLP(nn.Module):  # eps_theta for points (swiss roll): residual blocks of width 4 * ch, t a bias in each
+
+class MLP(nn.Module):  # eps_theta for 2-D points (the swiss roll): residual blocks of width 4 * ch
     def __init__(self, dim=2, ch=32, n_res=2):
         super().__init__()
-        self.config, w = dict(ch=ch, n_res=n_res), 4 * ch
+        self.config = dict(ch=ch, n_res=n_res)
+        w = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, w), nn.SiLU(), nn.Linear(w, w))
-        self.x_in, self.x_out = nn.Linear(dim, w), nn.Linear(w, dim)
-        self.blocks = nn.ModuleList(nn.ModuleList(nn.Linear(w, w) for _ in range(3)) for _ in range(n_res))
-    def forward(self, x, t, y=None):  # no labels for points
-        emb, h = self.time_mlp(timestep_embedding(t, self.config["ch"])), self.x_in(x)  # (B, w)
+        self.x_in = nn.Linear(dim, w)
+        self.x_out = nn.Linear(w, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(n_res):
+            lin1 = nn.Linear(w, w)
+            t_proj = nn.Linear(w, w)  # t as a bias inside the block, as in ResBlock
+            lin2 = nn.Linear(w, w)
+            self.blocks.append(nn.ModuleList([lin1, t_proj, lin2]))
+
+    def forward(self, x, t, y=None):  # points have no labels: y is ignored
+        emb = self.time_mlp(timestep_embedding(t, self.config["ch"]))  # (B, w)
+        h = self.x_in(x)
         for lin1, t_proj, lin2 in self.blocks:
             h = h + lin2(F.silu(lin1(F.silu(h)) + t_proj(emb)))
         return self.x_out(F.silu(h))
-def make_net(shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0):  # points (dim,): the MLP; (C, H, W): U-Net
-    return MLP(shape[0], ch, n_res) if len(shape) == 1 else UNet(shape[0], ch, ch_mult, n_res, n_classes)
 
-def guided(model, y, w):  # classifier-free guidance (Ho & Salimans 2022, eq. 6) for labels y, weight w
-    y2 = torch.cat([y, torch.full_like(y, model.config["n_classes"])])  # each label, then "no label"
-    def eps_model(xt, t):  # eps(x_t, t, y) and eps(x_t, t) from one batched call
-        e_y, e_none = model(torch.cat([xt, xt]), torch.cat([t, t]), y2).to(xt.dtype).chunk(2)
-        return (1 + w) * e_y - w * e_none  # w = 0: the conditional model; w > 0 pushes away from e_none
+
+def make_net(
+    shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0
+):  # (dim,): the MLP; (C, H, W): U-Net
+    if len(shape) == 1:
+        return MLP(shape[0], ch, n_res)
+    return UNet(shape[0], ch, ch_mult, n_res, n_classes)
+
+
+# ==================================== Beyond the papers ====================================
+
+
+# --- DPM-Solver++(2M): Lu et al. 2022, arXiv:2211.01095, Algorithm 2 ------------------------------
+def dpm_timesteps(sched, steps):
+    """T, then the t nearest to `steps - 1` values even in lambda from max(lambda_T, -5) to lambda_1
+    ("logSNR" spacing, Lu et al.'s choice for small images; below -5 the data is noise already).
+    Rounding to integers can make two t meet: each t is kept below the one before it, and high
+    enough that every later step still finds a distinct integer >= 1."""
+    lam_start = max(sched.lam[sched.T].item(), -5)
+    targets = torch.linspace(lam_start, sched.lam[1].item(), steps)[1:]
+    taus = [sched.T]
+    for i, target in enumerate(targets, 1):
+        t = int((sched.lam[1:] - target).abs().argmin()) + 1
+        steps_left = steps - 1 - i
+        taus.append(max(min(t, taus[-1] - 1), steps_left + 1))
+    return taus
+
+
+@torch.inference_mode()
+def sample_dpm(eps_model, sched, shape, steps=20, generator=None, x_T=None, trajectory=False):
+    """Lu et al.'s Algorithm 2 in their symbols: alpha_t = sqrt(alpha_bar_t), sigma_t =
+    sqrt(1 - alpha_bar_t), h_i = lambda_{t_i} - lambda_{t_{i-1}}. Each step is exact for a constant
+    data prediction; D_i extrapolates x0_hat linearly in lambda from the last two calls (r_i =
+    h_{i-1} / h_i). First order (D = x0_hat) at the first step and at the last, to t = 0, where
+    lambda is infinite. Deterministic: no noise is added."""
+    x = initial_noise(shape, generator, x_T)
+    xs = [x]
+    alpha = sched.alpha_bar.sqrt()
+    sigma = (1 - sched.alpha_bar).sqrt()
+    taus = dpm_timesteps(sched, steps)
+    x0_hat_last = h_last = None  # of the previous step, at a larger t
+    for step, step_next in zip(taus, taus[1:] + [0]):
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        x0_hat = predict_x0(x, t, eps_model(x, t).to(x.dtype), sched)
+        h = sched.lam[step_next] - sched.lam[step]
+        D = x0_hat
+        if x0_hat_last is not None and step_next > 0:
+            r = h_last / h
+            D = x0_hat + (x0_hat - x0_hat_last) / (2 * r)
+        x = sigma[step_next] / sigma[step] * x - alpha[step_next] * torch.expm1(-h) * D
+        x0_hat_last = x0_hat
+        h_last = h
+        xs.append(x)
+    return (x, xs) if trajectory else x
+
+
+# --- Classifier-free guidance: Ho & Salimans 2022, arXiv:2207.12598 -------------------------------
+def drop_labels(
+    y, p, n_classes, generator
+):  # Algorithm 1: "no label" (index n_classes) with probability p
+    dropped = torch.rand(y.shape, generator=generator, device=y.device) < p
+    return torch.where(dropped, n_classes, y)
+
+
+def guided(model, y, w):
+    """eps_model(x_t, t) for labels y and guidance weight w, eq. (6):
+    (1 + w) eps(x_t, t, y) - w eps(x_t, t). w = 0 is the conditional model; w > 0 pushes away
+    from the unconditional prediction."""
+    no_label = torch.full_like(y, model.config["n_classes"])
+
+    def eps_model(xt, t):  # both predictions from one batched call
+        both = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, no_label]))
+        eps_y, eps_none = both.to(xt.dtype).chunk(2)
+        return (1 + w) * eps_y - w * eps_none
+
     return eps_model
 
-class EMA:  # the weights' moving average, sampled from; decay min(decay, (1 + n) / (10 + n)) after n updates
+
+# --- EMA: the weights' exponential moving average, which is what is sampled from ------------------
+class EMA:
+    """decay min(decay, (1 + n) / (10 + n)) after n updates: a short run's average is not mostly the
+    random initial weights."""
+
     def __init__(self, model, decay):
-        self.decay, self.n = decay, 0
+        self.decay = decay
+        self.n = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
     @torch.no_grad()
     def update(self, model):
-        d, self.n = min(self.decay, (1 + self.n) / (10 + self.n)), self.n + 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        self.n += 1
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p, 1 - d)  # e = d * e + (1 - d) * p
 
-# --- Data: images as one uint8 tensor, scaled to [-1, 1] like the paper's (Section 4); the swiss roll ------
-class UserError(Exception): """A mistake the user can fix: main() prints it as one line and exits non-zero."""
 
-def to_model_range(x):
-    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # uint8 0..255 -> [-1, 1]; points: as is
-def to_pixels(x):
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> uint8 0..255
-def make_swissroll(n, generator):  # Sohl-Dickstein et al. 2015, Fig. 1: (n, 2) points on a spiral, |x| < 1.5
+# ==================================== Machinery ====================================
+
+
+class UserError(Exception):
+    """A mistake the user can fix: main() prints it as one line and exits with 2."""
+
+
+# --- Data: images as one uint8 tensor, scaled to [-1, 1] per batch (DDPM Section 3.3) -------------
+def to_model_range(x):  # uint8 0..255 -> [-1, 1]; points are used as they are
+    if x.dtype != torch.uint8:
+        return x
+    return x.float() / 127.5 - 1
+
+
+def to_pixels(x):  # [-1, 1] -> uint8 0..255
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def make_swissroll(n, generator):  # Sohl-Dickstein et al. 2015, Fig. 1: (n, 2) points, |x| < 1.5
     u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
     return (torch.stack([u * u.cos(), u * u.sin()], dim=1) / 10).float()
-def sliced_wasserstein(x, y, generator, n_dirs=256):  # two equal-size sets; sqrt of the mean 1-D W2^2 over
-    # random directions. In 1-D, W2 pairs sorted samples in order; two samples of one law are ~ n^-1/2 apart
-    d = F.normalize(torch.randn(x.shape[1], n_dirs, generator=generator, dtype=x.dtype), dim=0)
-    return ((x @ d).sort(0).values - (y @ d).sort(0).values).pow(2).mean().sqrt().item()
 
-def read_image(path, size):  # (3, size, size) uint8: the shorter side resized to size, then centre-cropped
+
+def sliced_wasserstein(x, y, generator, n_dirs=256):
+    """Two equal-size point sets: the root mean over random directions of the 1-D W2^2 of their
+    projections. In 1-D, W2 pairs sorted samples in order; two samples of a law are n^-1/2 apart."""
+    d = F.normalize(torch.randn(x.shape[1], n_dirs, generator=generator, dtype=x.dtype), dim=0)
+    gap = (x @ d).sort(0).values - (y @ d).sort(0).values
+    return gap.pow(2).mean().sqrt().item()
+
+
+def read_image(
+    path, size
+):  # (3, size, size) uint8: the shorter side resized to size, centre-cropped
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:
@@ -241,259 +500,534 @@ def read_image(path, size):  # (3, size, size) uint8: the shorter side resized t
     tf = torchvision.transforms.functional
     return tf.pil_to_tensor(tf.center_crop(tf.resize(image, size), size))
 
-DATASETS = {"mnist": torchvision.datasets.MNIST, "fashion": torchvision.datasets.FashionMNIST,
-            "cifar10": torchvision.datasets.CIFAR10}  # downloaded to --data-dir when absent
+
+DATASETS = {  # downloaded to --data-dir when absent
+    "mnist": torchvision.datasets.MNIST,
+    "fashion": torchvision.datasets.FashionMNIST,
+    "cifar10": torchvision.datasets.CIFAR10,
+}
+
+
 def load_data(dataset, data_dir, seed=0, image_size=32):
-    """((N, C, H, W) uint8 images, (N,) labels); 28 x 28 digits are padded to 32 x 32 (resizing blurs)."""
+    """((N, C, H, W) uint8 images, (N,) labels), or ((N, 2) points, None) for the swiss roll.
+    28 x 28 digits are padded to 32 x 32: resizing would blur the strokes."""
     if dataset == "swissroll":
         return make_swissroll(100_000, torch.Generator().manual_seed(seed)), None
-    if dataset not in DATASETS:
+    if (
+        dataset not in DATASETS
+    ):  # a folder, read as ImageFolder: class sub-folders, sorted, are labels
         try:
-            folder = torchvision.datasets.ImageFolder(dataset)  # class sub-folders, in name order, are labels
+            folder = torchvision.datasets.ImageFolder(dataset)
         except OSError as e:  # no such folder, no sub-folder, or no image file in them
-            raise UserError(f"--dataset {dataset}: neither a known data set nor a folder of images ({e})")
-        return torch.stack([read_image(f, image_size) for f, _ in folder.imgs]), torch.tensor(folder.targets)
+            raise UserError(
+                f"--dataset {dataset}: neither a known data set nor a folder of images ({e})"
+            ) from None
+        images = torch.stack([read_image(f, image_size) for f, _ in folder.imgs])
+        return images, torch.tensor(folder.targets)
     try:
         ds = DATASETS[dataset](data_dir, train=True, download=True)
     except Exception as e:  # torchvision raises RuntimeError or URLError when it cannot download
-        raise UserError(f"{dataset} is not in {data_dir} and downloading it failed ({type(e).__name__}); "
-                        "pass --data-dir with the folder that holds it") from None
+        raise UserError(
+            f"{dataset} is not in {data_dir} and downloading it failed ({type(e).__name__}); "
+            "pass --data-dir with the folder that holds it"
+        ) from None
     data = torch.as_tensor(ds.data)  # MNIST, Fashion: (N, 28, 28); CIFAR-10: (N, 32, 32, 3)
-    data = data.permute(0, 3, 1, 2) if data.dim() == 4 else F.pad(data, (2, 2, 2, 2)).unsqueeze(1)
+    if data.dim() == 4:
+        data = data.permute(0, 3, 1, 2)  # channels first
+    else:
+        data = F.pad(data, (2, 2, 2, 2)).unsqueeze(1)  # (N, 1, 32, 32)
     return data.contiguous(), torch.as_tensor(ds.targets)
 
-# --- Files: checkpoints and images, every one written atomically --------------------------------------------
-def atomic_write(path, write):  # write(f) to path.tmp, then rename it: a crash midway keeps the old file
+
+# --- Files: checkpoints and images, every one written atomically ----------------------------------
+def atomic_write(
+    path, write
+):  # write(f) to path.tmp, then rename: a crash midway keeps the old file
     with open(f"{path}.tmp", "wb") as f:
-        write(f), f.flush(), os.fsync(f.fileno())
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
+
+
 def check_writable(path):  # before hours of work, not after
     if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         raise UserError(f"cannot write {path}: its folder is missing or not writable")
 
-def load_checkpoint(path, device):  # (dict, EMA net); weights_only: unpickling a download could run code
+
+def save_checkpoint(path, model, ema, opt, step, args, data_shape):
+    config = {"model": model.config, "data_shape": list(data_shape), "train": dict(vars(args))}
+    state = {
+        "config": config,
+        "model": model.state_dict(),
+        "ema": ema.model.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "ema_n": ema.n,
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, device):
+    """(the checkpoint's dict, its EMA network). weights_only: unpickling a file could run code."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path} (train one with: python ddpm.py train)")
     try:  # fp16 weights (samples/) are cast to the model's fp32 by load_state_dict
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = make_net(ckpt["config"]["data_shape"], **ckpt["config"]["model"]).to(device).eval()
+        model = make_net(ckpt["config"]["data_shape"], **ckpt["config"]["model"])
         model.load_state_dict(ckpt["ema"])
     except Exception as e:
-        raise UserError(f"{path} is not a ddpm.py checkpoint with weights that fit the architecture it names "
-                        f"({type(e).__name__})") from None
-    return ckpt, model
+        raise UserError(
+            f"{path} is not a ddpm.py checkpoint with weights that fit the architecture it names "
+            f"({type(e).__name__})"
+        ) from None
+    return ckpt, model.to(device).eval()
 
-def grid_image(x):  # images in [-1, 1]: a grid, sqrt(N) wide; points: a 256 x 256 histogram of [-1.5, 1.5]^2
+
+def grid_image(
+    x,
+):  # images in [-1, 1]: a grid sqrt(N) wide; points: a 256 x 256 histogram of [-1.5, 1.5]^2
     if x.dim() == 2:
-        ij = ((x.float().clamp(-1.5, 1.5) + 1.5) * 255 / 3).round().long().cpu()  # (N, 2) pixel positions
-        hist = torch.zeros(256, 256).index_put_((255 - ij[:, 1], ij[:, 0]), torch.ones(len(x)), True)
+        ij = ((x.float().clamp(-1.5, 1.5) + 1.5) * 255 / 3).round().long().cpu()  # (N, 2) pixels
+        hist = torch.zeros(256, 256).index_put_(
+            (255 - ij[:, 1], ij[:, 0]), torch.ones(len(x)), True
+        )
         return Image.fromarray(((hist == 0) * 255).to(torch.uint8).numpy())  # y grows upwards
-    grid = torchvision.utils.make_grid(to_pixels(x).cpu(), nrow=math.ceil(math.sqrt(len(x))))  # (3, H, W)
-    return Image.fromarray(grid[0].numpy() if x.shape[1] == 1 else grid.permute(1, 2, 0).numpy())
+    grid = torchvision.utils.make_grid(
+        to_pixels(x).cpu(), nrow=math.ceil(math.sqrt(len(x)))
+    )  # (3, H, W)
+    if x.shape[1] == 1:
+        return Image.fromarray(grid[0].numpy())
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
-def save_samples(path, x, xs=None):  # .png grid; .npz uint8 "images" or float "points"; .gif reverse process
+
+def save_samples(path, x, xs=None):  # .png grid; .npz uint8 "images" or float "points"; .gif: xs
     ext = os.path.splitext(path)[1].lower()
     if ext == ".png":
         atomic_write(path, lambda f: grid_image(x).save(f, format="PNG"))
+    elif ext == ".npz" and x.dim() == 2:
+        atomic_write(path, lambda f: np.savez(f, points=x.cpu().numpy()))
     elif ext == ".npz":
-        arrays = {"points": x.cpu().numpy()} if x.dim() == 2 else {"images": to_pixels(x).cpu().numpy()}
-        atomic_write(path, lambda f: np.savez(f, **arrays))
-    elif ext == ".gif":
-        frames = [grid_image(x) for x in xs[::math.ceil(len(xs) / 60)]] + [grid_image(xs[-1])] * 20  # hold it
-        atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                    duration=60, loop=0, optimize=False))  # optimize corrupts
+        atomic_write(path, lambda f: np.savez(f, images=to_pixels(x).cpu().numpy()))
+    elif ext == ".gif":  # at most ~60 frames of the reverse process, then the samples held for 20
+        frames = [grid_image(x) for x in xs[:: math.ceil(len(xs) / 60)]] + [grid_image(xs[-1])] * 20
+        atomic_write(
+            path,
+            lambda f: frames[0].save(
+                f,
+                format="GIF",
+                save_all=True,
+                append_images=frames[1:],
+                duration=60,
+                loop=0,
+                optimize=False,  # Pillow's optimize corrupts these frames
+            ),
+        )
 
-# --- Training (Algorithm 1) ---------------------------------------------------------------------------------
-def pick_device(name, precision):  # auto: cuda, mps, cpu; bf16 where native (CUDA, AVX512-BF16); CUDA fp16
-    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available()
-                          else "mps" if torch.backends.mps.is_available() else "cpu")
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and \
-        "avx512_bf16" in (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else "")
-    fast = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
-    return device, fast if precision == "auto" else precision
-def autocast(device, precision):  # bf16/fp16 for matmuls and convolutions; weights and all else stay fp32
+
+# --- Device and precision -------------------------------------------------------------------------
+def has_native_bf16(device):  # CUDA with bf16, or a CPU with AVX512-BF16 (or AMX)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not os.path.exists("/proc/cpuinfo"):
+        return False
+    with open("/proc/cpuinfo") as f:
+        return "avx512_bf16" in f.read()
+
+
+def pick_device(
+    name, precision
+):  # auto: cuda, then mps, then cpu; bf16 where native, CUDA else fp16
+    if name == "auto" and torch.cuda.is_available():
+        name = "cuda"
+    elif name == "auto" and torch.backends.mps.is_available():
+        name = "mps"
+    elif name == "auto":
+        name = "cpu"
+    device = torch.device(name)
+    if precision != "auto":
+        return device, precision
+    if has_native_bf16(device):
+        return device, "bf16"
+    return device, "fp16" if device.type == "cuda" else "fp32"
+
+
+def autocast(
+    device, precision
+):  # bf16/fp16 for matmuls and convolutions; weights and all else fp32
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-def drop_labels(y, p, n_classes, generator):  # for classifier-free guidance: "no label" with probability p
-    return torch.where(torch.rand(y.shape, generator=generator, device=y.device) < p, n_classes, y)
 
-def train_step(model, ema, opt, x0, sched, generator, amp=torch.autocast("cpu", enabled=False),
-               scaler=torch.amp.GradScaler("cpu", enabled=False), y=None):  # scaler: fp16 loss scaling
-    """Algorithm 1, one step (y: labels). A non-finite loss or gradient skips it: no NaN in the weights."""
-    with amp:
-        loss = loss_fn(lambda xt, t: model(xt, t, y), x0, sched, generator)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)  # clip the true gradient
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        scaler.update()  # fp16 overflow: a smaller loss scale next step
-        print(f"warning: loss {loss.item()}, grad norm {grad_norm.item()}: update skipped", file=sys.stderr)
-        return None
-    scaler.step(opt), scaler.update(), ema.update(model)
-    return loss.item()
+
+# --- Several processes: torchrun and DistributedDataParallel --------------------------------------
+def start_processes(device):
+    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is
+    rank 0 of 1. Gloo on the CPU, NCCL on CUDA with one GPU a process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def shard(
+    perm, i, B, rank, world
+):  # batch i of the epoch's order: rank r takes the r-th B of B * world
+    start = (i * world + rank) * B
+    return perm[start : start + B]
+
+
+def on_any_rank(
+    flag, world, device
+):  # a stop asked of one process stops them all after the same step
+    if world == 1:
+        return flag
+    flags = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
+
+
+# --- The training loop ----------------------------------------------------------------------------
+RUN_KEYS = (
+    "dataset image_size cond p_uncond ch ch_mult n_res schedule T batch_size lr ema_decay seed"
+)
+
+
+def hms(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
 
 def train(args):
     device, args.precision = pick_device(args.device, args.precision)
+    rank, world, device = start_processes(device)
     check_writable(args.out)
-    ckpt = load_checkpoint(args.resume, device)[0] if args.resume else None
-    if ckpt and "opt" not in ckpt:
-        raise UserError(f"--resume {args.resume}: has EMA weights only (like samples/), no training state")
-    if ckpt:  # what defines the run comes from the checkpoint; length, files and cadence from this command
-        run = "dataset image_size cond p_uncond ch ch_mult n_res schedule T batch_size lr ema_decay seed"
-        vars(args).update({k: v for k, v in ckpt["config"]["train"].items() if k in run.split()})
+    ckpt = None
+    if args.resume:
+        ckpt, _ = load_checkpoint(args.resume, device)
+        if "opt" not in ckpt:
+            raise UserError(
+                f"--resume {args.resume}: has EMA weights only (like samples/), no training state"
+            )
+        # the run's definition comes from the checkpoint; length, files, cadence from this command
+        vars(args).update(
+            {k: v for k, v in ckpt["config"]["train"].items() if k in RUN_KEYS.split()}
+        )
+
     data, labels = load_data(args.dataset, args.data_dir, args.seed, args.image_size)
     if args.cond and labels is None:
         raise UserError(f"--cond: {args.dataset} has no labels")
-    K = int(labels.max()) + 1 if args.cond else 0  # classes; label K means "no label", the only one if K = 0
-    labels = labels if args.cond else torch.zeros(len(data), dtype=torch.long)
-    data, labels, flip = data.to(device), labels.to(device), data.shape[1] == 3  # photos are flipped (below)
-    args.lr = args.lr or (2e-4 if data.dim() > 2 else 2e-3)  # a small MLP takes a larger step
+    K = (
+        int(labels.max()) + 1 if args.cond else 0
+    )  # classes; label K is "no label", the only one if K = 0
+    if not args.cond:
+        labels = torch.zeros(len(data), dtype=torch.long)
+    data = data.to(device)
+    labels = labels.to(device)
+    images = data.dim() > 2
+    flip = (
+        data.shape[1] == 3
+    )  # photographs get random horizontal flips (Ho et al., CIFAR-10); digits not
+    if args.lr is None:
+        args.lr = 2e-4 if images else 2e-3  # a small MLP takes a larger step
+
     sched = make_schedule(args.schedule, args.T)
-    torch.manual_seed(args.seed)  # the initial weights
+    torch.manual_seed(args.seed)  # the initial weights, the same on every rank
     model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, K).to(device).train()
-    ema, opt = EMA(model, args.ema_decay), torch.optim.AdamW(model.parameters(), lr=args.lr)
+    ema = EMA(model, args.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-    step, ema.n = (ckpt["step"], ckpt["ema_n"]) if ckpt else (0, 0)
+        step = ckpt["step"]
+        ema.n = ckpt["ema_n"]
+    net = model  # what the step calls; with several processes, the wrapper that averages gradients
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     amp = autocast(device, args.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 needs loss scaling
-    B = min(args.batch_size, len(data))
-    per_epoch = len(data) // B  # an epoch's last, partial batch is dropped
-    total, save_every = args.steps or args.epochs * per_epoch, args.save_every or per_epoch
-    unit, hms = "img" if data.dim() > 2 else "points", lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
-    print(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} "
-          f"{unit} | {per_epoch} steps/epoch | steps {step}..{total} | {device} {args.precision}")
-    def save():
-        config = {"model": model.config, "data_shape": list(data.shape[1:]), "train": dict(vars(args))}
-        state = {"config": config, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                 "opt": opt.state_dict(), "step": step, "ema_n": ema.n}
-        atomic_write(args.out, lambda f: torch.save(state, f))
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=args.precision == "fp16"
+    )  # fp16: loss scaling
+
+    B = min(args.batch_size, len(data) // world)  # per process; each step reads B * world images
+    per_epoch = len(data) // (B * world)  # an epoch's last, partial batch is dropped
+    total = args.steps or args.epochs * per_epoch
+    save_every = args.save_every or per_epoch
+    unit = "img" if images else "points"
+    log = print if rank == 0 else lambda *a, **k: None
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"{type(model).__name__} {n_params:,} parameters | {len(data)} {unit} | "
+        f"{per_epoch} steps/epoch | "
+        f"steps {step}..{total} | {device} {args.precision} | {world} process(es) x batch {B}"
+    )
+
     stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
-    handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {
+        s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        perm_epoch, smooth, t0, t_log, n_log = None, float("nan"), time.time(), time.time(), 0
-        while step < total and not stop:
+        perm_epoch = None
+        smooth = float("nan")
+        t0 = t_log = time.time()
+        n_log = 0
+        while step < total and not on_any_rank(bool(stop), world, device):
             epoch, i = divmod(step, per_epoch)
-            if epoch != perm_epoch:  # the order follows from (seed, epoch): a resumed run sees the same data
-                perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + epoch))
-                perm, perm_epoch = perm.to(device), epoch
-            gen = torch.Generator(device).manual_seed(hash((args.seed, step)))  # t and eps of this step
-            idx = perm[i * B:(i + 1) * B]
-            x0, y = to_model_range(data[idx]), drop_labels(labels[idx], args.p_uncond, K, gen)
-            if flip:  # random horizontal flips, as Ho et al. for CIFAR10; never for digits
-                x0 = torch.where(torch.rand(B, 1, 1, 1, generator=gen, device=device) < 0.5, x0.flip(3), x0)
-            loss = train_step(model, ema, opt, x0, sched, gen, amp, scaler, y)
-            step, n_log = step + 1, n_log + B
-            smooth = smooth if loss is None else loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
-            if (now := time.time()) - t_log >= 10 or step == total:  # a progress line every 10 s
-                print(f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
-                      f"{n_log / (now - t_log):.0f} {unit}/s | elapsed {hms(now - t0)} | "
-                      f"eta {hms((total - step) * (now - t_log) * B / n_log)}", flush=True)
-                t_log, n_log = now, 0
-            if step % save_every == 0:
-                save()
-            if args.sample_every and step % args.sample_every == 0:  # EMA previews, all from one seed
+            if (
+                epoch != perm_epoch
+            ):  # the order follows from (seed, epoch): a resumed run sees the same data
+                perm = torch.randperm(
+                    len(data), generator=torch.Generator().manual_seed(args.seed + epoch)
+                )
+                perm = perm.to(device)
+                perm_epoch = epoch
+            idx = shard(perm, i, B, rank, world)
+            gen = torch.Generator(device).manual_seed(
+                hash((args.seed, step, rank))
+            )  # this step's draws
+            x0 = to_model_range(data[idx])
+            y = drop_labels(labels[idx], args.p_uncond, K, gen)
+            if flip:
+                x0 = torch.where(
+                    torch.rand(B, 1, 1, 1, generator=gen, device=device) < 0.5, x0.flip(3), x0
+                )
+            loss = train_step(net, opt, x0, sched, gen, y, amp, scaler)
+            if loss is not None:
+                ema.update(model)
+                smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
+            step += 1
+            n_log += B * world
+            now = time.time()
+            if now - t_log >= 10 or step == total:  # a progress line every 10 s
+                rate = n_log / (now - t_log)
+                log(
+                    f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
+                    f"{rate:.0f} {unit}/s | "
+                    f"elapsed {hms(now - t0)} | eta {hms((total - step) * B * world / rate)}",
+                    flush=True,
+                )
+                t_log = now
+                n_log = 0
+            if rank == 0 and step % save_every == 0:
+                save_checkpoint(args.out, model, ema, opt, step, args, data.shape[1:])
+            if (
+                rank == 0 and args.sample_every and step % args.sample_every == 0
+            ):  # EMA previews, one seed
+                n = 16 if images else 2000
+                preview = torch.Generator(device).manual_seed(0)
                 with amp:
-                    x = sample_ddim(ema.model, sched, (16 if data.dim() > 2 else 2000, *data.shape[1:]),
-                                    min(50, args.T), generator=torch.Generator(device).manual_seed(0))
+                    x = sample_ddim(
+                        ema.model, sched, (n, *data.shape[1:]), min(50, args.T), generator=preview
+                    )
                 save_samples(f"{os.path.splitext(args.out)[0]}_step{step:07d}.png", x)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    save()
-    print(f"saved {args.out} at step {step}")
-    if stop:
-        print(f"stopped by signal {stop[0]}; continue with --resume {args.out}", file=sys.stderr)
-    return 128 + stop[0] if stop else 0
+    if rank == 0:
+        save_checkpoint(args.out, model, ema, opt, step, args, data.shape[1:])
+        print(f"saved {args.out} at step {step}")
+    if world > 1:
+        dist.barrier()  # rank 0 has saved
+        dist.destroy_process_group()
+    if not stop:
+        return 0
+    where = f"rank {rank}: " if world > 1 else ""
+    print(
+        f"{where}stopped by signal {stop[0]} after step {step}; continue with --resume {args.out}",
+        file=sys.stderr,
+    )
+    return 128 + stop[0]
 
-# --- Command line: sample from a checkpoint, and main -------------------------------------------------------
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "mnist.pt")  # recipe: README
+
+# --- Command line ---------------------------------------------------------------------------------
+SHIPPED = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "samples", "mnist.pt"
+)  # README: recipe
+
+
+def class_labels(cls, n, K):  # --class K: n labels K; --class all: K rows of K, a row a class
+    if not K:
+        raise UserError(f"--class {cls}: unconditional net")
+    if cls == "all":
+        return torch.arange(K * K) // K
+    if cls is None or not cls.isdigit() or int(cls) >= K:
+        raise UserError(f"--class {cls}: 0..{K - 1} or all")
+    return torch.full((n,), int(cls))
+
+
 def sample(args):
     device, precision = pick_device(args.device, args.precision)
-    if not 0 <= args.eta <= 1 or args.eta and args.sampler == "dpm":
-        raise UserError(f"--eta {args.eta}: DDIM's eta (eq. 16) lies in [0, 1]; DPM-Solver++(2M) takes none")
+    if not 0 <= args.eta <= 1 or (args.eta and args.sampler == "dpm"):
+        raise UserError(
+            f"--eta {args.eta}: DDIM's eta (eq. 16) lies in [0, 1]; DPM-Solver++(2M) takes none"
+        )
     if os.path.splitext(args.out)[1].lower() not in (".png", ".npz", ".gif"):
-        raise UserError(f"--out {args.out}: use .png (a grid), .npz (uint8 arrays) or .gif (reverse process)")
+        raise UserError(
+            f"--out {args.out}: use .png (a grid), .npz (uint8 arrays) or .gif (reverse process)"
+        )
     check_writable(args.out)
-    ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)  # no --ckpt: the model shipped in samples/
-    sched = make_schedule(ckpt["config"]["train"]["schedule"], ckpt["config"]["train"]["T"])
-    steps = args.steps or {"ddpm": sched.T, "ddim": min(50, sched.T), "dpm": min(20, sched.T)}[args.sampler]
+    ckpt, model = load_checkpoint(
+        args.ckpt or SHIPPED, device
+    )  # no --ckpt: the model shipped in samples/
+    run = ckpt["config"]["train"]
+    sched = make_schedule(run["schedule"], run["T"])
+    steps = (
+        args.steps
+        or {"ddpm": sched.T, "ddim": min(50, sched.T), "dpm": min(20, sched.T)}[args.sampler]
+    )
     if steps > sched.T or (args.sampler == "ddpm" and steps != sched.T):
-        raise UserError(f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T")
-    gen, gen_cpu = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
-    K, eps_model = model.config.get("n_classes", 0), model  # the MLP has no labels
-    if args.cls is not None or args.guidance is not None:  # a class, or "all": K rows of K, a row a class
-        if not K or not (args.cls == "all" or args.cls and args.cls.isdigit() and int(args.cls) < K):
-            raise UserError(f"--class {args.cls}: " + (f"0..{K - 1} or all" if K else "unconditional net"))
-        y = torch.arange(K * K) // K if args.cls == "all" else torch.full((args.n,), int(args.cls))
-        eps_model = guided(model, y.to(device), 3.0 if args.guidance is None else args.guidance)
+        raise UserError(
+            f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T"
+        )
+    gen = torch.Generator(device).manual_seed(args.seed)
+    eps_model = model
+    if args.cls is not None or args.guidance is not None:
+        y = class_labels(
+            args.cls, args.n, model.config.get("n_classes", 0)
+        )  # the MLP has no labels
+        w = 3.0 if args.guidance is None else args.guidance
+        eps_model = guided(model, y.to(device), w)
         args.n = len(y)
-    shape, gif, t0 = (args.n, *ckpt["config"]["data_shape"]), args.out.lower().endswith(".gif"), time.time()
-    order = 2 if args.sampler == "dpm" else 1  # DPM-Solver++(2M) is DDIM's second-order form
+    shape = (args.n, *ckpt["config"]["data_shape"])
+    gif = args.out.lower().endswith(".gif")
+    t0 = time.time()
     with autocast(device, precision):
-        out = sample_ddpm(eps_model, sched, shape, gen, trajectory=gif) if args.sampler == "ddpm" else \
-            sample_ddim(eps_model, sched, shape, steps, args.eta, gen, trajectory=gif, order=order)
-    save_samples(args.out, *(out if gif else (out,)))
-    if ckpt["config"]["train"]["dataset"] == "swissroll":  # how near the data; what "near" means at this n
-        x, (fresh, fresh2) = (out[0] if gif else out).cpu(), make_swissroll(2 * args.n, gen_cpu).split(args.n)
-        print(f"sliced W2 to fresh data {sliced_wasserstein(x, fresh, gen_cpu):.4f} "
-              f"(two fresh sets: {sliced_wasserstein(fresh2, fresh, gen_cpu):.4f})")
-    print(f"wrote {args.out}: {args.n} samples, {args.sampler} with {steps} steps, {time.time() - t0:.1f}s, "
-          f"{precision} (checkpoint {args.ckpt or 'shipped in samples/'} at step {ckpt['step']})")
+        if args.sampler == "ddpm":
+            out = sample_ddpm(eps_model, sched, shape, gen, trajectory=gif)
+        elif args.sampler == "ddim":
+            out = sample_ddim(eps_model, sched, shape, steps, args.eta, gen, trajectory=gif)
+        else:
+            out = sample_dpm(eps_model, sched, shape, steps, gen, trajectory=gif)
+    x, xs = out if gif else (out, None)
+    save_samples(args.out, x, xs)
+    if run["dataset"] == "swissroll":  # how near the data, and what "near" means at this n
+        gen_cpu = torch.Generator().manual_seed(args.seed)
+        fresh, fresh2 = make_swissroll(2 * args.n, gen_cpu).split(args.n)
+        print(
+            f"sliced W2 to fresh data {sliced_wasserstein(x.cpu(), fresh, gen_cpu):.4f} "
+            f"(two fresh sets: {sliced_wasserstein(fresh2, fresh, gen_cpu):.4f})"
+        )
+    print(
+        f"wrote {args.out}: {args.n} samples, {args.sampler} with {steps} steps, "
+        f"{time.time() - t0:.1f}s, "
+        f"{precision} (checkpoint {args.ckpt or 'shipped in samples/'} at step {ckpt['step']})"
+    )
     return 0
+
+
+def comma_ints(s):
+    return [int(v) for v in s.split(",")]
+
 
 def main(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description="DDPM / DDIM on MNIST in one file.", formatter_class=fmt)
+    parser = argparse.ArgumentParser(
+        description="DDPM / DDIM on MNIST in one file.", formatter_class=fmt
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train the epsilon-network (Algorithm 1)", formatter_class=fmt)
-    sa = sub.add_parser("sample", help="Algorithm 2, DDIM or DPM-Solver++ sampling", formatter_class=fmt)
+    tr = sub.add_parser("train", help="train the eps-network (Algorithm 1)", formatter_class=fmt)
+    sa = sub.add_parser(
+        "sample", help="Algorithm 2, DDIM or DPM-Solver++ sampling", formatter_class=fmt
+    )
     for p in (tr, sa):
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
         p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
-    # train: system
-    tr.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10, swissroll, or a folder")
-    tr.add_argument("--data-dir", default="./data", help="mnist, fashion, cifar10 are downloaded here")
-    tr.add_argument("--image-size", type=int, choices=[8, 16, 32, 64, 128], default=32, help="for folders")
-    tr.add_argument("--cond", action="store_true", help="class-conditional, for classifier-free guidance")
-    tr.add_argument("--p-uncond", type=float, default=0.1, help="with --cond: how often the label is dropped")
+    # train: data and files
+    tr.add_argument(
+        "--dataset", default="mnist", help="mnist, fashion, cifar10, swissroll, or a folder"
+    )
+    tr.add_argument(
+        "--data-dir", default="./data", help="mnist, fashion, cifar10 are downloaded here"
+    )
+    tr.add_argument(
+        "--image-size", type=int, choices=[8, 16, 32, 64, 128], default=32, help="for folders"
+    )
+    tr.add_argument(
+        "--cond", action="store_true", help="class-conditional, for classifier-free guidance"
+    )
+    tr.add_argument(
+        "--p-uncond", type=float, default=0.1, help="with --cond: how often the label is dropped"
+    )
     tr.add_argument("--out", default="ckpt.pt", help="checkpoint path")
-    tr.add_argument("--resume", metavar="PATH", help="continue this checkpoint's run (model, data, lr...)")
-    tr.add_argument("--save-every", type=int, help="steps between checkpoints; None: once per epoch")
-    tr.add_argument("--sample-every", type=int, default=0, help="steps between EMA preview grids; 0: none")
+    tr.add_argument(
+        "--resume", metavar="PATH", help="continue this checkpoint's run (model, data, lr...)"
+    )
+    tr.add_argument(
+        "--save-every", type=int, help="steps between checkpoints; None: once per epoch"
+    )
+    tr.add_argument(
+        "--sample-every", type=int, default=0, help="steps between EMA preview grids; 0: none"
+    )
     # train: model and schedule
     tr.add_argument("--ch", type=int, default=32, help="base width of the U-Net")
-    tr.add_argument("--ch-mult", type=lambda s: list(map(int, s.split(","))), default=[1, 2, 2], help="U-Net")
+    tr.add_argument("--ch-mult", type=comma_ints, default=[1, 2, 2], help="U-Net width per level")
     tr.add_argument("--n-res", type=int, default=2, help="residual blocks per resolution")
-    tr.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="beta_t schedule")
+    tr.add_argument(
+        "--schedule", choices=["linear", "cosine"], default="linear", help="beta_t schedule"
+    )
     tr.add_argument("--T", type=int, default=1000, help="diffusion steps")
     # train: optimization
     tr.add_argument("--epochs", type=int, default=30, help="passes over the data")
     tr.add_argument("--steps", type=int, help="total optimizer steps; overrides --epochs")
-    tr.add_argument("--batch-size", type=int, default=128, help="images (or points) per step")
-    tr.add_argument("--lr", type=float, help="AdamW learning rate; None: 2e-4 for images, 2e-3 for points")
+    tr.add_argument(
+        "--batch-size", type=int, default=128, help="images (or points) per step and process"
+    )
+    tr.add_argument(
+        "--lr", type=float, help="AdamW learning rate; None: 2e-4 for images, 2e-3 for points"
+    )
     tr.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay after warm-up")
-    sa.add_argument("--ckpt", help="checkpoint written by train; None: the model shipped in samples/")
-    sa.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], default="ddpm", help="dpm: DPM-Solver++")
-    sa.add_argument("--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim, 20 for dpm")
-    sa.add_argument("--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like")
+    # sample
+    sa.add_argument(
+        "--ckpt", help="checkpoint written by train; None: the model shipped in samples/"
+    )
+    sa.add_argument(
+        "--sampler", choices=["ddpm", "ddim", "dpm"], default="ddpm", help="dpm: DPM-Solver++"
+    )
+    sa.add_argument(
+        "--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim, 20 for dpm"
+    )
+    sa.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like"
+    )
     sa.add_argument("--n", type=int, default=64, help="number of samples")
-    sa.add_argument("--class", dest="cls", help="a class index or all (a row per class); None: unconditional")
-    sa.add_argument("--guidance", type=float, help="classifier-free guidance w, for --class; None: 3")
-    sa.add_argument("--out", default="sample.png", help=".png grid, .npz uint8 images, .gif reverse process")
+    sa.add_argument(
+        "--class", dest="cls", help="a class index or all (a row per class); None: unconditional"
+    )
+    sa.add_argument(
+        "--guidance", type=float, help="classifier-free guidance w, for --class; None: 3"
+    )
+    sa.add_argument(
+        "--out", default="sample.png", help=".png grid, .npz uint8 images, .gif reverse process"
+    )
     args = parser.parse_args(argv)
+    lowest = {
+        "T": 2,
+        "ch": 1,
+        "n_res": 1,
+        "epochs": 1,
+        "steps": 1,
+        "batch_size": 1,
+        "n": 1,
+        "save_every": 1,
+    }
     try:
-        for k, low in {"T": 2, "ch": 1, "n_res": 1, "epochs": 1, "steps": 1, "batch_size": 1, "n": 1,
-                       "save_every": 1}.items():
+        for k, low in lowest.items():
             if getattr(args, k, None) is not None and getattr(args, k) < low:
                 raise UserError(f"--{k.replace('_', '-')} must be at least {low}")
-        return train(args) if args.cmd == "train" else sample(args)
+        if args.cmd == "train":
+            return train(args)
+        return sample(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())
