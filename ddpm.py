@@ -80,9 +80,8 @@ def gather(a, t, x):  # a[t] per sample, shaped (B, 1, ..., 1) to multiply x of 
     return a[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def q_sample(
-    x0, t, eps, sched
-):  # x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I), eq. (4)
+# x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I), eq. (4)
+def q_sample(x0, t, eps, sched):
     alpha_bar = gather(sched.alpha_bar, t, x0)
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
 
@@ -106,22 +105,19 @@ def q_posterior(x0, xt, t, sched):
 
 
 # --- Algorithm 1: training ------------------------------------------------------------------------
-def noise_like(
-    x, generator
-):  # z ~ N(0, I) shaped like x, from the caller's generator: seeds fix samples
+# z ~ N(0, I) shaped like x, from the caller's generator: seeds fix samples
+def noise_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def loss_fn(eps_model, x0, sched, generator=None):
     """L_simple, eq. (14): the mean over pixels where eq. (14) sums them (a constant factor)."""
-    t = torch.randint(
-        1, sched.T + 1, (x0.shape[0],), generator=generator, device=x0.device
-    )  # line 3
+    # line 3: t ~ Uniform({1, ..., T}); t = 0 is data, never a training step
+    t = torch.randint(1, sched.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
     eps = noise_like(x0, generator)  # line 4
     xt = q_sample(x0, t, eps, sched)
-    return F.mse_loss(
-        eps_model(xt, t).float(), eps.float()
-    )  # line 5, in fp32 whatever the network's
+    # line 5: the squared error of the noise, in fp32 whatever the network's precision
+    return F.mse_loss(eps_model(xt, t).float(), eps.float())
 
 
 NO_AUTOCAST = contextlib.nullcontext()
@@ -154,9 +150,8 @@ def train_step(
 
 
 # --- Algorithm 2: sampling ------------------------------------------------------------------------
-def initial_noise(
-    shape, generator, x_T=None
-):  # x_T ~ N(0, I) on the generator's device, unless given
+# x_T ~ N(0, I) on the generator's device, unless given
+def initial_noise(shape, generator, x_T=None):
     if x_T is not None:
         return x_T
     return torch.randn(shape, generator=generator, device=getattr(generator, "device", None))
@@ -305,9 +300,8 @@ class UNet(nn.Module):
         self.mid2 = ResBlock(c, c, t_dim)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
-        for i, w in reversed(
-            list(enumerate(widths, 1))
-        ):  # a level's first block also takes the skip
+        # a level's first block also takes the skip
+        for i, w in reversed(list(enumerate(widths, 1))):
             self.up.append(
                 nn.ModuleList([ResBlock(c + w if j == 0 else w, w, t_dim) for j in range(n_res)])
             )
@@ -320,9 +314,8 @@ class UNet(nn.Module):
     def forward(self, x, t, y=None):
         if y is None:
             y = torch.full_like(t, self.config["n_classes"])  # "no label"
-        emb = self.time_mlp(timestep_embedding(t, self.config["ch"])) + self.label_emb(
-            y
-        )  # (B, t_dim)
+        emb = self.time_mlp(timestep_embedding(t, self.config["ch"]))  # (B, t_dim)
+        emb = emb + self.label_emb(y)
         h = self.conv_in(x)
         skips = []
         for blocks, down in zip(self.down, self.downsample):
@@ -364,9 +357,8 @@ class MLP(nn.Module):  # eps_theta for 2-D points (the swiss roll): residual blo
         return self.x_out(F.silu(h))
 
 
-def make_net(
-    shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0
-):  # (dim,): the MLP; (C, H, W): U-Net
+# (dim,): the MLP; (C, H, W): U-Net
+def make_net(shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0):
     if len(shape) == 1:
         return MLP(shape[0], ch, n_res)
     return UNet(shape[0], ch, ch_mult, n_res, n_classes)
@@ -420,9 +412,8 @@ def sample_dpm(eps_model, sched, shape, steps=20, generator=None, x_T=None, traj
 
 
 # --- Classifier-free guidance: Ho & Salimans 2022, arXiv:2207.12598 -------------------------------
-def drop_labels(
-    y, p, n_classes, generator
-):  # Algorithm 1: "no label" (index n_classes) with probability p
+# Algorithm 1: "no label" (index n_classes) with probability p
+def drop_labels(y, p, n_classes, generator):
     dropped = torch.rand(y.shape, generator=generator, device=y.device) < p
     return torch.where(dropped, n_classes, y)
 
@@ -431,6 +422,8 @@ def guided(model, y, w):
     """eps_model(x_t, t) for labels y and guidance weight w, eq. (6):
     (1 + w) eps(x_t, t, y) - w eps(x_t, t). w = 0 is the conditional model; w > 0 pushes away
     from the unconditional prediction."""
+    if w == 0:  # the conditional prediction alone: one call of B, not 2B
+        return lambda xt, t: model(xt, t, y)
     no_label = torch.full_like(y, model.config["n_classes"])
 
     def eps_model(xt, t):  # both predictions from one batched call
@@ -439,6 +432,12 @@ def guided(model, y, w):
         return (1 + w) * eps_y - w * eps_none
 
     return eps_model
+
+
+def draw_labels(label_freq, n, generator):
+    """n labels y ~ p(y), the training set's label frequencies. Sampling x | y with them draws from
+    p(x) = sum_y p(y) p(x | y): unconditional samples from the conditional network."""
+    return torch.multinomial(torch.tensor(label_freq), n, replacement=True, generator=generator)
 
 
 # --- EMA: the weights' exponential moving average, which is what is sampled from ------------------
@@ -490,9 +489,8 @@ def sliced_wasserstein(x, y, generator, n_dirs=256):
     return gap.pow(2).mean().sqrt().item()
 
 
-def read_image(
-    path, size
-):  # (3, size, size) uint8: the shorter side resized to size, centre-cropped
+# (3, size, size) uint8: the shorter side resized to size, centre-cropped
+def read_image(path, size):
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:
@@ -513,9 +511,8 @@ def load_data(dataset, data_dir, seed=0, image_size=32):
     28 x 28 digits are padded to 32 x 32: resizing would blur the strokes."""
     if dataset == "swissroll":
         return make_swissroll(100_000, torch.Generator().manual_seed(seed)), None
-    if (
-        dataset not in DATASETS
-    ):  # a folder, read as ImageFolder: class sub-folders, sorted, are labels
+    # a folder, read as ImageFolder: class sub-folders, sorted, are labels
+    if dataset not in DATASETS:
         try:
             folder = torchvision.datasets.ImageFolder(dataset)
         except OSError as e:  # no such folder, no sub-folder, or no image file in them
@@ -540,9 +537,8 @@ def load_data(dataset, data_dir, seed=0, image_size=32):
 
 
 # --- Files: checkpoints and images, every one written atomically ----------------------------------
-def atomic_write(
-    path, write
-):  # write(f) to path.tmp, then rename: a crash midway keeps the old file
+# write(f) to path.tmp, then rename: a crash midway keeps the old file
+def atomic_write(path, write):
     with open(f"{path}.tmp", "wb") as f:
         write(f)
         f.flush()
@@ -555,8 +551,7 @@ def check_writable(path):  # before hours of work, not after
         raise UserError(f"cannot write {path}: its folder is missing or not writable")
 
 
-def save_checkpoint(path, model, ema, opt, step, args, data_shape):
-    config = {"model": model.config, "data_shape": list(data_shape), "train": dict(vars(args))}
+def save_checkpoint(path, config, model, ema, opt, step):
     state = {
         "config": config,
         "model": model.state_dict(),
@@ -584,18 +579,18 @@ def load_checkpoint(path, device):
     return ckpt, model.to(device).eval()
 
 
+# images in [-1, 1]: a grid sqrt(N) wide; points: a 256 x 256 histogram of [-1.5, 1.5]^2
 def grid_image(
     x,
-):  # images in [-1, 1]: a grid sqrt(N) wide; points: a 256 x 256 histogram of [-1.5, 1.5]^2
+):
     if x.dim() == 2:
         ij = ((x.float().clamp(-1.5, 1.5) + 1.5) * 255 / 3).round().long().cpu()  # (N, 2) pixels
         hist = torch.zeros(256, 256).index_put_(
             (255 - ij[:, 1], ij[:, 0]), torch.ones(len(x)), True
         )
         return Image.fromarray(((hist == 0) * 255).to(torch.uint8).numpy())  # y grows upwards
-    grid = torchvision.utils.make_grid(
-        to_pixels(x).cpu(), nrow=math.ceil(math.sqrt(len(x)))
-    )  # (3, H, W)
+    nrow = math.ceil(math.sqrt(len(x)))
+    grid = torchvision.utils.make_grid(to_pixels(x).cpu(), nrow=nrow)  # (3, H, W)
     if x.shape[1] == 1:
         return Image.fromarray(grid[0].numpy())
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
@@ -635,9 +630,8 @@ def has_native_bf16(device):  # CUDA with bf16, or a CPU with AVX512-BF16 (or AM
         return "avx512_bf16" in f.read()
 
 
-def pick_device(
-    name, precision
-):  # auto: cuda, then mps, then cpu; bf16 where native, CUDA else fp16
+# auto: cuda, then mps, then cpu; bf16 where native, CUDA else fp16
+def pick_device(name, precision):
     if name == "auto" and torch.cuda.is_available():
         name = "cuda"
     elif name == "auto" and torch.backends.mps.is_available():
@@ -652,9 +646,8 @@ def pick_device(
     return device, "fp16" if device.type == "cuda" else "fp32"
 
 
-def autocast(
-    device, precision
-):  # bf16/fp16 for matmuls and convolutions; weights and all else fp32
+# bf16/fp16 for matmuls and convolutions; weights and all else fp32
+def autocast(device, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -673,16 +666,14 @@ def start_processes(device):
     return dist.get_rank(), world, device
 
 
-def shard(
-    perm, i, B, rank, world
-):  # batch i of the epoch's order: rank r takes the r-th B of B * world
+# batch i of the epoch's order: rank r takes the r-th B of B * world
+def shard(perm, i, B, rank, world):
     start = (i * world + rank) * B
     return perm[start : start + B]
 
 
-def on_any_rank(
-    flag, world, device
-):  # a stop asked of one process stops them all after the same step
+# a stop asked of one process stops them all after the same step
+def on_any_rank(flag, world, device):
     if world == 1:
         return flag
     flags = torch.tensor([float(flag)], device=device)
@@ -719,17 +710,15 @@ def train(args):
     data, labels = load_data(args.dataset, args.data_dir, args.seed, args.image_size)
     if args.cond and labels is None:
         raise UserError(f"--cond: {args.dataset} has no labels")
-    K = (
-        int(labels.max()) + 1 if args.cond else 0
-    )  # classes; label K is "no label", the only one if K = 0
+    # classes; label K is "no label", the only one if K = 0
+    K = int(labels.max()) + 1 if args.cond else 0
     if not args.cond:
         labels = torch.zeros(len(data), dtype=torch.long)
     data = data.to(device)
     labels = labels.to(device)
     images = data.dim() > 2
-    flip = (
-        data.shape[1] == 3
-    )  # photographs get random horizontal flips (Ho et al., CIFAR-10); digits not
+    # photographs get random horizontal flips (Ho et al., CIFAR-10); digits not
+    flip = data.shape[1] == 3
     if args.lr is None:
         args.lr = 2e-4 if images else 2e-3  # a small MLP takes a larger step
 
@@ -751,9 +740,15 @@ def train(args):
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     amp = autocast(device, args.precision)
-    scaler = torch.amp.GradScaler(
-        device.type, enabled=args.precision == "fp16"
-    )  # fp16: loss scaling
+    label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
+    config = {  # what load_checkpoint and sample need to rebuild the network and draw from it
+        "model": model.config,
+        "data_shape": list(data.shape[1:]),
+        "label_freq": label_freq,  # p(y), for unconditional samples from a conditional net
+        "train": dict(vars(args)),
+    }
+    # fp16: loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     B = min(args.batch_size, len(data) // world)  # per process; each step reads B * world images
     per_epoch = len(data) // (B * world)  # an epoch's last, partial batch is dropped
@@ -779,18 +774,16 @@ def train(args):
         n_log = 0
         while step < total and not on_any_rank(bool(stop), world, device):
             epoch, i = divmod(step, per_epoch)
-            if (
-                epoch != perm_epoch
-            ):  # the order follows from (seed, epoch): a resumed run sees the same data
+            # the order follows from (seed, epoch): a resumed run sees the same data
+            if epoch != perm_epoch:
                 perm = torch.randperm(
                     len(data), generator=torch.Generator().manual_seed(args.seed + epoch)
                 )
                 perm = perm.to(device)
                 perm_epoch = epoch
             idx = shard(perm, i, B, rank, world)
-            gen = torch.Generator(device).manual_seed(
-                hash((args.seed, step, rank))
-            )  # this step's draws
+            # this step's draws (labels dropped, flips, t, eps), the same after a resume
+            gen = torch.Generator(device).manual_seed(hash((args.seed, step, rank)))
             x0 = to_model_range(data[idx])
             y = drop_labels(labels[idx], args.p_uncond, K, gen)
             if flip:
@@ -815,10 +808,9 @@ def train(args):
                 t_log = now
                 n_log = 0
             if rank == 0 and step % save_every == 0:
-                save_checkpoint(args.out, model, ema, opt, step, args, data.shape[1:])
-            if (
-                rank == 0 and args.sample_every and step % args.sample_every == 0
-            ):  # EMA previews, one seed
+                save_checkpoint(args.out, config, model, ema, opt, step)
+            # a grid from the EMA weights, always from the same noise: progress at a glance
+            if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 n = 16 if images else 2000
                 preview = torch.Generator(device).manual_seed(0)
                 with amp:
@@ -830,7 +822,7 @@ def train(args):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if rank == 0:
-        save_checkpoint(args.out, model, ema, opt, step, args, data.shape[1:])
+        save_checkpoint(args.out, config, model, ema, opt, step)
         print(f"saved {args.out} at step {step}")
     if world > 1:
         dist.barrier()  # rank 0 has saved
@@ -846,9 +838,8 @@ def train(args):
 
 
 # --- Command line ---------------------------------------------------------------------------------
-SHIPPED = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "samples", "mnist.pt"
-)  # README: recipe
+# the model `sample` uses without --ckpt; the README says how it was trained
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "mnist.pt")
 
 
 def class_labels(cls, n, K):  # --class K: n labels K; --class all: K rows of K, a row a class
@@ -872,9 +863,8 @@ def sample(args):
             f"--out {args.out}: use .png (a grid), .npz (uint8 arrays) or .gif (reverse process)"
         )
     check_writable(args.out)
-    ckpt, model = load_checkpoint(
-        args.ckpt or SHIPPED, device
-    )  # no --ckpt: the model shipped in samples/
+    # no --ckpt: the model shipped in samples/
+    ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)
     run = ckpt["config"]["train"]
     sched = make_schedule(run["schedule"], run["T"])
     steps = (
@@ -886,14 +876,17 @@ def sample(args):
             f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T"
         )
     gen = torch.Generator(device).manual_seed(args.seed)
-    eps_model = model
-    if args.cls is not None or args.guidance is not None:
-        y = class_labels(
-            args.cls, args.n, model.config.get("n_classes", 0)
-        )  # the MLP has no labels
+    K = model.config.get("n_classes", 0)  # the MLP has no labels
+    eps_model = model  # "no label": an unconditional net, or --class none
+    if args.cls not in (None, "none") or args.guidance is not None:
+        y = class_labels(args.cls, args.n, K)
         w = 3.0 if args.guidance is None else args.guidance
         eps_model = guided(model, y.to(device), w)
         args.n = len(y)
+    elif args.cls is None and K:  # unconditional: y ~ p(y), then x | y
+        label_freq = ckpt["config"].get("label_freq", [1 / K] * K)  # older checkpoints: uniform
+        y = draw_labels(label_freq, args.n, torch.Generator().manual_seed(args.seed))
+        eps_model = guided(model, y.to(device), 0.0)
     shape = (args.n, *ckpt["config"]["data_shape"])
     gif = args.out.lower().endswith(".gif")
     t0 = time.time()
@@ -998,7 +991,10 @@ def main(argv=None):
     )
     sa.add_argument("--n", type=int, default=64, help="number of samples")
     sa.add_argument(
-        "--class", dest="cls", help="a class index or all (a row per class); None: unconditional"
+        "--class",
+        dest="cls",
+        help="a class index; all: a row per class; none: the 'no label' prediction; "
+        "None: unconditional, each label drawn from the training set's frequencies",
     )
     sa.add_argument(
         "--guidance", type=float, help="classifier-free guidance w, for --class; None: 3"

@@ -75,9 +75,8 @@ def test_cosine_alpha_bar_is_its_closed_form_where_beta_is_not_capped(T):
     s = ddpm.make_schedule("cosine", T)
     f = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
     capped = (s.beta[1:] >= 0.999).nonzero()
-    last = (
-        capped[0].item() if len(capped) else T
-    )  # after the first capped beta, alpha_bar departs from f
+    # after the first capped beta, alpha_bar departs from f
+    last = capped[0].item() if len(capped) else T
     for t in range(last + 1):
         assert math.isclose(s.alpha_bar[t].item(), f[t] / f[0], rel_tol=1e-9, abs_tol=1e-15)
 
@@ -257,12 +256,10 @@ def test_dpm_timesteps_are_distinct_from_T_to_1_and_even_in_lambda(kind, T, data
     taus = ddpm.dpm_timesteps(s, steps)
     assert len(taus) == steps and taus[0] == s.T and all(a > b for a, b in zip(taus, taus[1:]))
     assert taus[-1] == (1 if steps > 1 else s.T)
-    if (
-        kind == "linear" and T == 1000 and 3 <= steps <= 10
-    ):  # the integer grid is fine enough here: the
-        gaps = torch.diff(
-            s.lam[taus]
-        )  # lambda steps are equal to within 7% (measured), more near t = 1
+    # the integer grid is fine enough here: the
+    if kind == "linear" and T == 1000 and 3 <= steps <= 10:
+        # lambda steps are equal to within 7% (measured), more near t = 1
+        gaps = torch.diff(s.lam[taus])
         assert (gaps > 0).all() and (gaps.max() - gaps.min()) / gaps.mean() < 0.1
 
 
@@ -404,9 +401,8 @@ def test_bf16_loss_and_gradients_stay_close_to_fp32():
     )
     assert abs(l16.item() - l32.item()) < 0.01 * l32.item()
     assert (g16 - g32).norm() < 0.03 * g32.norm()
-    with ddpm.autocast(
-        torch.device("cpu"), "bf16"
-    ):  # and autocast really is on: the network's output is bf16
+    # and autocast really is on: the network's output is bf16
+    with ddpm.autocast(torch.device("cpu"), "bf16"):
         assert model(x0, torch.ones(16, dtype=torch.long)).dtype == torch.bfloat16
 
 
@@ -502,9 +498,8 @@ def write_cifar10(root, n=12, seed=0):
 def test_cifar10_is_channels_first_with_its_labels(tmp_path, monkeypatch):
     import torchvision
 
-    monkeypatch.setattr(
-        torchvision.datasets.cifar, "check_integrity", lambda *a: True
-    )  # fake files: no md5
+    # fake files: no md5
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)
     rows = write_cifar10(tmp_path)
     data, labels = ddpm.load_data("cifar10", str(tmp_path))
     assert data.shape == (60, 3, 32, 32) and data.dtype == torch.uint8 and torch.equal(data, rows)
@@ -536,12 +531,10 @@ def test_image_folder_labels_come_from_subfolders_and_images_are_resized_then_ce
         and labels.tolist() == [0, 0, 0, 1, 1, 1]
     )
     green = torch.tensor([0, 255, 0], dtype=torch.uint8)[:, None, None]
-    assert (
-        data[:, :, 2:6, 2:6].int() - green
-    ).abs().max() <= 2  # the centre square, whatever the aspect
-    assert (
-        data[:, 1].float().mean() > 200
-    )  # nothing of the red and blue ends is kept but edge blending
+    # the centre square, whatever the aspect
+    assert (data[:, :, 2:6, 2:6].int() - green).abs().max() <= 2
+    # nothing of the red and blue ends is kept but edge blending
+    assert data[:, 1].float().mean() > 200
 
 
 @pytest.mark.parametrize(
@@ -630,9 +623,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         ddpm.atomic_write(str(path), crash)
-    assert (
-        path.read_bytes() == b"previous checkpoint"
-    )  # the half-written file is ckpt.pt.tmp, as after kill -9
+    # the half-written file is ckpt.pt.tmp, as after kill -9
+    assert path.read_bytes() == b"previous checkpoint"
     ddpm.atomic_write(str(path), lambda f: f.write(b"next checkpoint"))
     assert path.read_bytes() == b"next checkpoint" and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -682,9 +674,8 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         == 0
     )
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "split.pt"))
-    assert (
-        a["step"] == b["step"] == 5
-    )  # 48 images / 16 = 3 steps an epoch: the resume crosses an epoch
+    # 48 images / 16 = 3 steps an epoch: the resume crosses an epoch
+    assert a["step"] == b["step"] == 5
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
 
@@ -711,9 +702,8 @@ def test_sample_writes_png_npz_and_gif(trained):
     png, images = Image.open(d / "s.png"), np.load(d / "s.npz")["images"]
     assert png.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px, 2 px padding
     assert images.shape == (6, 1, 32, 32) and images.dtype == np.uint8
-    assert np.array_equal(
-        np.asarray(png)[2:34, 2:34], images[0, 0]
-    )  # the same samples in both files
+    # the same samples in both files
+    assert np.array_equal(np.asarray(png)[2:34, 2:34], images[0, 0])
     gif = Image.open(d / "s.gif")
     first = np.asarray(gif.convert("L"))
     gif.seek(gif.n_frames - 1)  # the animation starts from noise and ends on the samples
@@ -754,9 +744,8 @@ def test_same_seed_gives_the_same_file(trained):
 def bad_checkpoints(d, ckpt):
     (d / "corrupt.pt").write_bytes(b"not a checkpoint")
     state = torch.load(ckpt, weights_only=True)
-    torch.save(
-        {k: state[k] for k in ("config", "ema", "step")}, d / "ema_only.pt"
-    )  # as shipped in samples/
+    # as shipped in samples/
+    torch.save({k: state[k] for k in ("config", "ema", "step")}, d / "ema_only.pt")
     state["config"]["model"]["ch"] = 16  # claims another architecture than its weights
     torch.save(state, d / "other_arch.pt")
 
@@ -1055,9 +1044,8 @@ def test_trained_samplers_land_on_the_roll_and_broken_ones_do_not(roll):
     def sw(x):
         return ddpm.sliced_wasserstein(x, fresh, gen(2))
 
-    floor = sw(
-        ddpm.make_swissroll(n, gen(3))
-    )  # two samples of the data differ by this much at this n
+    # two samples of the data differ by this much at this n
+    floor = sw(ddpm.make_swissroll(n, gen(3)))
 
     def t_ignored(x, t):
         return model(x, torch.full_like(t, sched.T // 2))
@@ -1110,9 +1098,8 @@ def test_swissroll_cli_writes_png_npz_gif_and_reports_the_distance(roll, capsys)
     points = np.load(d / "r.npz")["points"]
     assert points.shape == (500, 2) and points.dtype == np.float32
     png = np.asarray(Image.open(d / "r.png"))
-    assert (
-        png.shape == (256, 256) and 100 < (png == 0).sum() <= 500
-    )  # one black pixel per point, some shared
+    # one black pixel per point, some shared
+    assert png.shape == (256, 256) and 100 < (png == 0).sum() <= 500
     ij = np.round((np.clip(points, -1.5, 1.5) + 1.5) * 255 / 3).astype(int)
     assert (png[255 - ij[:, 1], ij[:, 0]] == 0).all()  # y grows upwards
     gif = Image.open(d / "r.gif")
@@ -1153,10 +1140,10 @@ def test_guidance_is_linear_in_w_and_one_batched_call_equals_two():
             out = ddpm.guided(counting, y, w)(x, t)
             assert len(calls) == 1  # both predictions in one forward pass
             assert torch.allclose(out, (1 + w) * e_y - w * e_none, atol=1e-5)
-        assert torch.equal(
-            ddpm.guided(model, y, 0.0)(x, t),
-            model(torch.cat([x, x]), t.repeat(2), torch.cat([y, torch.full_like(y, 3)]))[:4],
-        )  # w = 0: the conditional prediction
+        # w = 0: the conditional prediction, from a call of 4 (not 8)
+        calls.clear()
+        assert torch.equal(ddpm.guided(counting, y, 0.0)(x, t), model(x, t, y))
+        assert len(calls[0][0]) == 4
 
 
 class TwoPointOracle:
@@ -1333,9 +1320,8 @@ def test_sample_without_ckpt_uses_the_shipped_half_precision_model_and_says_so(
     assert "shipped in samples/" in capsys.readouterr().out
     assert ddpm.main(args + ["--ckpt", ckpt, "--out", str(tmp_path / "b.npz")]) == 0
     a, b = (np.load(tmp_path / f)["images"].astype(int) for f in ("a.npz", "b.npz"))
-    assert (
-        np.abs(a - b).mean() < 2
-    )  # fp16 rounding of the weights moves pixels by less than 2 levels
+    # fp16 rounding of the weights moves pixels by less than 2 levels
+    assert np.abs(a - b).mean() < 2
 
 
 def test_the_shipped_model_is_small_half_precision_conditional_and_samples_every_class(tmp_path):
@@ -1351,9 +1337,8 @@ def test_the_shipped_model_is_small_half_precision_conditional_and_samples_every
         32,
         32,
     ]
-    assert not {"data_dir", "out", "resume"} & set(
-        state["config"]["train"]
-    )  # no paths of the machine that trained it
+    # no paths of the machine that trained it
+    assert not {"data_dir", "out", "resume"} & set(state["config"]["train"])
     out = str(tmp_path / "s.npz")
     assert (
         ddpm.main(["sample", "--sampler", "dpm", "--steps", "5", "--class", "all", "--out", out])
@@ -1544,21 +1529,18 @@ def test_two_processes_read_disjoint_shards_and_keep_the_same_weights(tmp_path):
     assert r0["code"] == r1["code"] == 0 and len(r0["batches"]) == len(r1["batches"]) == 6
     pool = ddpm.to_model_range(ddpm.load_data("mnist", str(tmp_path))[0]).flatten(1)
     for step, (a, b) in enumerate(zip(r0["batches"], r1["batches"])):
-        ia = (
-            (a.flatten(1)[:, None] == pool[None]).all(-1).nonzero()[:, 1]
-        )  # which data images rank 0 read
+        # which data images rank 0 read
+        ia = (a.flatten(1)[:, None] == pool[None]).all(-1).nonzero()[:, 1]
         ib = (b.flatten(1)[:, None] == pool[None]).all(-1).nonzero()[:, 1]
         assert len(ia) == len(ib) == 16 and not set(ia.tolist()) & set(ib.tolist())
-        epoch_order = torch.randperm(
-            48, generator=torch.Generator().manual_seed(step)
-        )  # 1 step an epoch
+        # 1 step an epoch
+        epoch_order = torch.randperm(48, generator=torch.Generator().manual_seed(step))
         assert (
             ia.tolist() == epoch_order[:16].tolist() and ib.tolist() == epoch_order[16:32].tolist()
         )
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(r0["weights"], r1["weights"]))
-    state = torch.load(
-        tmp_path / "ddp.pt", weights_only=True
-    )  # rank 0 saved the single-process format
+    # rank 0 saved the single-process format
+    state = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert set(state) == {"config", "model", "ema", "opt", "step", "ema_n"} and state["step"] == 6
     assert all(torch.allclose(state["model"][k], p) for k, p in zip(state["model"], r0["weights"]))
 
@@ -1598,3 +1580,43 @@ def test_torchrun_trains_on_two_processes_and_sigterm_stops_both_after_the_same_
     assert sorted(stops) == ["0", "1"] and stops["0"] == stops["1"], stderr
     assert stdout.count("saved") == 1 and "2 process(es) x batch 16" in stdout
     assert torch.load(out, weights_only=True)["step"] == int(stops["0"]) >= 2
+
+
+def test_drawn_labels_follow_the_stored_frequencies():
+    freq, N = [0.5, 0.3, 0.2, 0.0], 100_000
+    y = ddpm.draw_labels(freq, N, gen(0))
+    share = torch.bincount(y, minlength=4).double() / N
+    p = torch.tensor(freq, dtype=F64)
+    assert share[3] == 0 and ((share - p).abs() <= 5 * (p * (1 - p) / N).sqrt()).all()
+
+
+def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_training_frequencies(
+    tmp_path, monkeypatch
+):
+    """The checkpoint stores p(y) of the training labels; sample without --class gives each sample a
+    label drawn from it (never "no label"), and --class none feeds "no label" only."""
+    write_mnist(tmp_path, n=48)  # labels i % 10: 5 of each of 0..7, 4 of 8 and 9
+    ckpt = str(tmp_path / "cond.pt")
+    assert (
+        ddpm.main(
+            ["train", "--data-dir", str(tmp_path), "--steps", "1", "--out", ckpt, "--cond"] + TINY
+        )
+        == 0
+    )
+    freq = torch.load(ckpt, weights_only=True)["config"]["label_freq"]
+    assert freq == pytest.approx([5 / 48] * 8 + [4 / 48] * 2)
+    seen, forward = [], ddpm.UNet.forward
+
+    def recording(self, x, t, y=None):
+        seen.append(torch.full_like(t, 10) if y is None else y)
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(ddpm.UNet, "forward", recording)
+    args = ["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "2", "--n", "300"]
+    assert ddpm.main(args + ["--out", str(tmp_path / "u.npz")]) == 0
+    y = seen[0]
+    assert len(seen) == 2 and len(y) == 300 and torch.equal(seen[1], y)  # one label per sample
+    assert y.max() < 10 and len(y.unique()) == 10  # every class, never "no label"
+    seen.clear()
+    assert ddpm.main(args + ["--class", "none", "--out", str(tmp_path / "n.npz")]) == 0
+    assert all((y == 10).all() for y in seen)
