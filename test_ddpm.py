@@ -553,7 +553,7 @@ def test_image_folder_labels_come_from_subfolders_and_images_are_resized_then_ce
 )
 def test_bad_image_folder_is_one_line_naming_the_problem(tmp_path, capsys, make, message):
     make(tmp_path)
-    assert ddpm.main(["train", "--dataset", str(tmp_path), "--out", str(tmp_path / "c.pt")]) == 2
+    assert cli(f"train --dataset {tmp_path} --out {tmp_path / 'c.pt'}") == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -582,21 +582,10 @@ def test_photos_are_flipped_half_the_time_and_digits_never(tmp_path, monkeypatch
         ddpm, "train_step", lambda m, o, x0, *a: batches.append(x0) or train_step(m, o, x0, *a)
     )
     assert (
-        ddpm.main(
-            [
-                "train",
-                "--dataset",
-                name,
-                "--image-size",
-                "16",
-                "--data-dir",
-                str(tmp_path),
-                "--steps",
-                "12",
-                "--out",
-                str(tmp_path / "c.pt"),
-            ]
-            + TINY
+        cli(
+            f"train --dataset {name} --image-size 16 --data-dir {tmp_path} --steps 12 "
+            f"--out {tmp_path / 'c.pt'}",
+            TINY,
         )
         == 0
     )
@@ -635,12 +624,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 TINY = ["--ch", "8", "--ch-mult", "1,2", "--n-res", "1", "--T", "20", "--batch-size", "16"]
 
 
+def cli(command, extra=()):  # ddpm.main on a command line written as one string
+    return ddpm.main(command.split() + list(extra))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     write_mnist(d)
     ckpt = str(d / "ckpt.pt")
-    assert ddpm.main(["train", "--data-dir", str(d), "--steps", "3", "--out", ckpt] + TINY) == 0
+    assert cli(f"train --data-dir {d} --steps 3 --out {ckpt}", TINY) == 0
     return d, ckpt
 
 
@@ -683,22 +676,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
 def test_sample_writes_png_npz_and_gif(trained):
     d, ckpt = trained
     for ext in ("png", "npz", "gif"):
-        assert (
-            ddpm.main(
-                [
-                    "sample",
-                    "--ckpt",
-                    ckpt,
-                    "--sampler",
-                    "ddim",
-                    "--n",
-                    "6",
-                    "--out",
-                    str(d / f"s.{ext}"),
-                ]
-            )
-            == 0
-        )
+        assert cli(f"sample --ckpt {ckpt} --sampler ddim --n 6 --out {d / f's.{ext}'}") == 0
     png, images = Image.open(d / "s.png"), np.load(d / "s.npz")["images"]
     assert png.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px, 2 px padding
     assert images.shape == (6, 1, 32, 32) and images.dtype == np.uint8
@@ -718,22 +696,8 @@ def test_same_seed_gives_the_same_file(trained):
     for i, seed in enumerate(["1", "1", "2"]):
         files.append(str(d / f"seed{i}.png"))
         assert (
-            ddpm.main(
-                [
-                    "sample",
-                    "--ckpt",
-                    ckpt,
-                    "--sampler",
-                    "ddim",
-                    "--eta",
-                    "1",
-                    "--n",
-                    "4",
-                    "--seed",
-                    seed,
-                    "--out",
-                    files[-1],
-                ]
+            cli(
+                f"sample --ckpt {ckpt} --sampler ddim --eta 1 --n 4 --seed {seed} --out {files[-1]}"
             )
             == 0
         )
@@ -803,45 +767,33 @@ def test_mnist_absent_and_no_network_names_the_flag(tmp_path, capsys, monkeypatc
         )
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
-    assert (
-        ddpm.main(["train", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c.pt")])
-        == 2
-    )
+    assert cli(f"train --data-dir {tmp_path / 'empty'} --out {tmp_path / 'c.pt'}") == 2
     err = capsys.readouterr().err
     assert "--data-dir" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_sampler_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
-        ddpm.main(["sample", "--sampler", "euler"])
+        cli("sample --sampler euler")
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def train_until_first_save(tmp_path, launcher=()):
+    """A long training run in a subprocess (through `launcher`, e.g. torchrun), returned once its
+    first checkpoint (after 2 steps) is on disk."""
+    write_mnist(tmp_path)
+    out = tmp_path / "ckpt.pt"
+    run = f"train --data-dir {tmp_path} --steps 100000 --save-every 2 --out {out}".split()
+    command = [sys.executable, *launcher, ddpm.__file__, *run, *TINY]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not out.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    return proc, out
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     """A preempted job: SIGTERM mid-run ends the step, saves, and exits 128 + 15."""
-    write_mnist(tmp_path)
-    out = tmp_path / "ckpt.pt"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            ddpm.__file__,
-            "train",
-            "--data-dir",
-            str(tmp_path),
-            "--steps",
-            "100000",
-            "--save-every",
-            "2",
-            "--out",
-            str(out),
-        ]
-        + TINY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while not out.exists() and proc.poll() is None:  # training has run 2 steps
-        time.sleep(0.05)
+    proc, out = train_until_first_save(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err
@@ -1025,12 +977,7 @@ def roll(tmp_path_factory):
     """A short run with the defaults (lr 2e-3, batch 128, T 1000): 3,000 of the 23,430 default
     steps."""
     d = tmp_path_factory.mktemp("roll")
-    assert (
-        ddpm.main(
-            ["train", "--dataset", "swissroll", "--steps", "3000", "--out", str(d / "roll.pt")]
-        )
-        == 0
-    )
+    assert cli(f"train --dataset swissroll --steps 3000 --out {d / 'roll.pt'}") == 0
     return d, str(d / "roll.pt")
 
 
@@ -1077,21 +1024,7 @@ def test_swissroll_cli_writes_png_npz_gif_and_reports_the_distance(roll, capsys)
     d, ckpt = roll
     for ext in ("png", "npz", "gif"):
         assert (
-            ddpm.main(
-                [
-                    "sample",
-                    "--ckpt",
-                    ckpt,
-                    "--sampler",
-                    "ddim",
-                    "--steps",
-                    "20",
-                    "--n",
-                    "500",
-                    "--out",
-                    str(d / f"r.{ext}"),
-                ]
-            )
+            cli(f"sample --ckpt {ckpt} --sampler ddim --steps 20 --n 500 --out {d / f'r.{ext}'}")
             == 0
         )
     assert capsys.readouterr().out.count("sliced W2 to fresh data") == 3
@@ -1186,74 +1119,32 @@ def test_guided_sampling_lands_on_the_asked_class_and_unguided_on_both(sampler):
 def test_cond_cli_trains_and_samples_a_class_and_all_classes(tmp_path, capsys):
     write_mnist(tmp_path)
     ckpt = str(tmp_path / "cond.pt")
-    assert (
-        ddpm.main(
-            ["train", "--data-dir", str(tmp_path), "--steps", "3", "--out", ckpt, "--cond"] + TINY
-        )
-        == 0
-    )
+    assert cli(f"train --data-dir {tmp_path} --steps 3 --out {ckpt} --cond", TINY) == 0
     assert torch.load(ckpt, weights_only=True)["config"]["model"]["n_classes"] == 10
     assert (
-        ddpm.main(
-            [
-                "sample",
-                "--ckpt",
-                ckpt,
-                "--sampler",
-                "dpm",
-                "--steps",
-                "4",
-                "--class",
-                "7",
-                "--n",
-                "4",
-                "--out",
-                str(tmp_path / "seven.png"),
-            ]
+        cli(
+            f"sample --ckpt {ckpt} --sampler dpm --steps 4 --class 7 --n 4 "
+            f"--out {tmp_path / 'seven.png'}"
         )
         == 0
     )
     assert (
-        ddpm.main(
-            [
-                "sample",
-                "--ckpt",
-                ckpt,
-                "--sampler",
-                "dpm",
-                "--steps",
-                "4",
-                "--class",
-                "all",
-                "--out",
-                str(tmp_path / "all.png"),
-            ]
+        cli(
+            f"sample --ckpt {ckpt} --sampler dpm --steps 4 --class all --out {tmp_path / 'all.png'}"
         )
         == 0
     )
     assert Image.open(tmp_path / "all.png").size == (10 * 34 + 2, 10 * 34 + 2)  # a row per class
-    assert (
-        ddpm.main(["sample", "--ckpt", ckpt, "--class", "10", "--out", str(tmp_path / "x.png")])
-        == 2
-    )
+    assert cli(f"sample --ckpt {ckpt} --class 10 --out {tmp_path / 'x.png'}") == 2
     assert "--class 10: 0..9 or all" in capsys.readouterr().err
-    assert (
-        ddpm.main(["sample", "--ckpt", ckpt, "--guidance", "2", "--out", str(tmp_path / "x.png")])
-        == 2
-    )
+    assert cli(f"sample --ckpt {ckpt} --guidance 2 --out {tmp_path / 'x.png'}") == 2
     assert "--class None: 0..9 or all" in capsys.readouterr().err  # guidance needs a class
     plain = str(tmp_path / "plain.pt")
-    assert (
-        ddpm.main(["train", "--data-dir", str(tmp_path), "--steps", "1", "--out", plain] + TINY)
-        == 0
-    )
+    assert cli(f"train --data-dir {tmp_path} --steps 1 --out {plain}", TINY) == 0
     for flag in (["--class", "3"], ["--guidance", "1"]):
-        assert ddpm.main(["sample", "--ckpt", plain, "--out", str(tmp_path / "x.png")] + flag) == 2
+        assert cli(f"sample --ckpt {plain} --out {tmp_path / 'x.png'}", flag) == 2
         assert "unconditional net" in capsys.readouterr().err
-    assert (
-        ddpm.main(["train", "--dataset", "swissroll", "--cond", "--out", str(tmp_path / "r.pt")])
-        == 2
-    )
+    assert cli(f"train --dataset swissroll --cond --out {tmp_path / 'r.pt'}") == 2
     assert "swissroll has no labels" in capsys.readouterr().err
 
 
@@ -1281,20 +1172,9 @@ def test_cond_on_an_image_folder_end_to_end(tmp_path):
     )
     assert torch.load(ckpt, weights_only=True)["config"]["model"]["n_classes"] == 2
     assert (
-        ddpm.main(
-            [
-                "sample",
-                "--ckpt",
-                ckpt,
-                "--class",
-                "all",
-                "--sampler",
-                "ddim",
-                "--steps",
-                "3",
-                "--out",
-                str(tmp_path / "all.npz"),
-            ]
+        cli(
+            f"sample --ckpt {ckpt} --class all --sampler ddim --steps 3 "
+            f"--out {tmp_path / 'all.npz'}"
         )
         == 0
     )
@@ -1340,10 +1220,7 @@ def test_the_shipped_model_is_small_half_precision_conditional_and_samples_every
     # no paths of the machine that trained it
     assert not {"data_dir", "out", "resume"} & set(state["config"]["train"])
     out = str(tmp_path / "s.npz")
-    assert (
-        ddpm.main(["sample", "--sampler", "dpm", "--steps", "5", "--class", "all", "--out", out])
-        == 0
-    )
+    assert cli(f"sample --sampler dpm --steps 5 --class all --out {out}") == 0
     assert np.load(out)["images"].shape == (100, 1, 32, 32)
 
 
@@ -1426,36 +1303,16 @@ def test_a_checkpoint_in_the_format_of_earlier_releases_loads_samples_and_resume
     }
     torch.save(old, tmp_path / "old.pt")
     assert (
-        ddpm.main(
-            [
-                "sample",
-                "--ckpt",
-                str(tmp_path / "old.pt"),
-                "--sampler",
-                "ddim",
-                "--steps",
-                "3",
-                "--n",
-                "2",
-                "--out",
-                str(tmp_path / "old.png"),
-            ]
+        cli(
+            f"sample --ckpt {tmp_path / 'old.pt'} --sampler ddim --steps 3 --n 2 "
+            f"--out {tmp_path / 'old.png'}"
         )
         == 0
     )
     assert (
-        ddpm.main(
-            [
-                "train",
-                "--resume",
-                str(tmp_path / "old.pt"),
-                "--data-dir",
-                str(tmp_path),
-                "--steps",
-                "5",
-                "--out",
-                str(tmp_path / "resumed.pt"),
-            ]
+        cli(
+            f"train --resume {tmp_path / 'old.pt'} --data-dir {tmp_path} --steps 5 "
+            f"--out {tmp_path / 'resumed.pt'}"
         )
         == 0
     )
@@ -1498,19 +1355,9 @@ def ddp_worker(rank, world, port, root):
         return loss
 
     ddpm.train_step = recording
-    code = ddpm.main(
-        [
-            "train",
-            "--data-dir",
-            root,
-            "--steps",
-            "6",
-            "--precision",
-            "fp32",
-            "--out",
-            os.path.join(root, "ddp.pt"),
-        ]
-        + TINY
+    code = cli(
+        f"train --data-dir {root} --steps 6 --precision fp32 --out {os.path.join(root, 'ddp.pt')}",
+        TINY,
     )
     torch.save(
         {"code": code, "batches": batches, "weights": weights}, os.path.join(root, f"rank{rank}.pt")
@@ -1546,34 +1393,8 @@ def test_two_processes_read_disjoint_shards_and_keep_the_same_weights(tmp_path):
 
 
 def test_torchrun_trains_on_two_processes_and_sigterm_stops_both_after_the_same_step(tmp_path):
-    write_mnist(tmp_path)
-    out = tmp_path / "ckpt.pt"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            ddpm.__file__,
-            "train",
-            "--data-dir",
-            str(tmp_path),
-            "--steps",
-            "100000",
-            "--save-every",
-            "2",
-            "--out",
-            str(out),
-        ]
-        + TINY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while not out.exists() and proc.poll() is None:  # both processes have trained 2 steps
-        time.sleep(0.05)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc, out = train_until_first_save(tmp_path, torchrun)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     stops = dict(re.findall(r"rank (\d): stopped by signal 15 after step (\d+)", stderr))
@@ -1597,12 +1418,7 @@ def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_trainin
     label drawn from it (never "no label"), and --class none feeds "no label" only."""
     write_mnist(tmp_path, n=48)  # labels i % 10: 5 of each of 0..7, 4 of 8 and 9
     ckpt = str(tmp_path / "cond.pt")
-    assert (
-        ddpm.main(
-            ["train", "--data-dir", str(tmp_path), "--steps", "1", "--out", ckpt, "--cond"] + TINY
-        )
-        == 0
-    )
+    assert cli(f"train --data-dir {tmp_path} --steps 1 --out {ckpt} --cond", TINY) == 0
     freq = torch.load(ckpt, weights_only=True)["config"]["label_freq"]
     assert freq == pytest.approx([5 / 48] * 8 + [4 / 48] * 2)
     seen, forward = [], ddpm.UNet.forward
