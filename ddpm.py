@@ -740,6 +740,7 @@ def train(args):
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     amp = autocast(device, args.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 only
     label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
     config = {  # what load_checkpoint and sample need to rebuild the network and draw from it
         "model": model.config,
@@ -747,8 +748,6 @@ def train(args):
         "label_freq": label_freq,  # p(y), for unconditional samples from a conditional net
         "train": dict(vars(args)),
     }
-    # fp16: loss scaling
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     B = min(args.batch_size, len(data) // world)  # per process; each step reads B * world images
     per_epoch = len(data) // (B * world)  # an epoch's last, partial batch is dropped
