@@ -1137,10 +1137,10 @@ def test_cond_cli_trains_and_samples_a_class_and_all_classes(tmp_path, capsys):
     assert Image.open(tmp_path / "all.png").size == (10 * 34 + 2, 10 * 34 + 2)  # a row per class
     assert cli(f"sample --ckpt {ckpt} --class 10 --out {tmp_path / 'x.png'}") == 2
     assert "--class 10: 0..9 or all" in capsys.readouterr().err
-    assert cli(f"sample --ckpt {ckpt} --guidance 2 --out {tmp_path / 'x.png'}") == 2
-    assert "--class None: 0..9 or all" in capsys.readouterr().err  # guidance needs a class
+    assert cli(f"sample --ckpt {ckpt} --class none --guidance 2 --out {tmp_path / 'x.png'}") == 2
+    assert "--class none: 0..9 or all" in capsys.readouterr().err  # "no label" cannot be guided
     plain = str(tmp_path / "plain.pt")
-    assert cli(f"train --data-dir {tmp_path} --steps 1 --out {plain}", TINY) == 0
+    assert cli(f"train --data-dir {tmp_path} --steps 1 --out {plain} --no-cond", TINY) == 0
     for flag in (["--class", "3"], ["--guidance", "1"]):
         assert cli(f"sample --ckpt {plain} --out {tmp_path / 'x.png'}", flag) == 2
         assert "unconditional net" in capsys.readouterr().err
@@ -1436,3 +1436,27 @@ def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_trainin
     seen.clear()
     assert ddpm.main(args + ["--class", "none", "--out", str(tmp_path / "n.npz")]) == 0
     assert all((y == 10).all() for y in seen)
+    seen.clear()  # --guidance without --class: the same drawn labels, each next to "no label"
+    assert ddpm.main(args + ["--guidance", "1", "--out", str(tmp_path / "g.npz")]) == 0
+    assert len(seen) == 2 and torch.equal(seen[0], torch.cat([y, torch.full_like(y, 10)]))
+
+
+def test_the_defaults_condition_on_labels_when_the_data_has_them(tmp_path):
+    """Labelled images: a conditional net, batch 32, lr 1e-3; --no-cond: unconditional; points
+    (no labels): unconditional, batch 128, lr 2e-3. A resumed run keeps what it was."""
+    write_mnist(tmp_path)
+    runs = {
+        "images": (f"--data-dir {tmp_path}", TINY[:-2], (True, 10, 32, 1e-3)),
+        "no-cond": (f"--data-dir {tmp_path} --no-cond", TINY, (False, 0, 16, 1e-3)),
+        "points": ("--dataset swissroll", [], (False, 0, 128, 2e-3)),
+    }
+    for name, (flags, extra, expected) in runs.items():
+        ckpt = str(tmp_path / f"{name}.pt")
+        assert cli(f"train {flags} --steps 1 --out {ckpt}", extra) == 0
+        config = torch.load(ckpt, weights_only=True)["config"]
+        run = config["train"]
+        got = (run["cond"], config["model"].get("n_classes", 0), run["batch_size"], run["lr"])
+        assert got == expected, name
+    ckpt = str(tmp_path / "no-cond.pt")
+    assert cli(f"train --data-dir {tmp_path} --resume {ckpt} --steps 2 --out {ckpt}") == 0
+    assert torch.load(ckpt, weights_only=True)["config"]["model"]["n_classes"] == 0
