@@ -1209,16 +1209,15 @@ def test_the_shipped_model_is_small_half_precision_conditional_and_samples_every
     trained)."""
     assert os.path.getsize(ddpm.SHIPPED) <= 8_000_000
     state = torch.load(ddpm.SHIPPED, weights_only=True)
-    assert set(state) == {"config", "ema", "step"} and all(
-        v.dtype == torch.float16 for v in state["ema"].values()
-    )
-    assert state["config"]["model"]["n_classes"] == 10 and state["config"]["data_shape"] == [
-        1,
-        32,
-        32,
-    ]
+    config = state["config"]
+    assert set(state) == {"config", "ema", "step"}
+    assert all(v.dtype == torch.float16 for v in state["ema"].values())
+    assert config["model"]["n_classes"] == 10 and config["data_shape"] == [1, 32, 32]
+    # p(y) of MNIST's training labels, for unconditional samples: every digit 9-12%
+    assert len(config["label_freq"]) == 10 and sum(config["label_freq"]) == pytest.approx(1)
+    assert 0.09 < min(config["label_freq"]) and max(config["label_freq"]) < 0.12
     # no paths of the machine that trained it
-    assert not {"data_dir", "out", "resume"} & set(state["config"]["train"])
+    assert not {"data_dir", "out", "resume"} & set(config["train"])
     out = str(tmp_path / "s.npz")
     assert cli(f"sample --sampler dpm --steps 5 --class all --out {out}") == 0
     assert np.load(out)["images"].shape == (100, 1, 32, 32)
