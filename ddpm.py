@@ -211,11 +211,9 @@ def sample_ddim(
         alpha_bar_next = sched.alpha_bar[step_next]
         sigma = ddim_sigma(sched, step, step_next, eta)
         z = noise_like(x, generator) if eta > 0 else 0
-        x = (
-            alpha_bar_next.sqrt() * x0_hat
-            + (1 - alpha_bar_next - sigma**2).sqrt() * eps
-            + sigma * z
-        )
+        # >= 0 exactly; when alpha_bar[step] is ~0 rounding can make it -1e-18, whose root is nan
+        direction = (1 - alpha_bar_next - sigma**2).clamp(min=0).sqrt()
+        x = alpha_bar_next.sqrt() * x0_hat + direction * eps + sigma * z
         xs.append(x)
     return (x, xs) if trajectory else x
 
