@@ -147,6 +147,49 @@ def test_ddpm_trajectory_follows_the_posterior_route_step_by_step():
         assert torch.allclose(x_prev, mean + var.sqrt() * z, atol=1e-9)
 
 
+def test_clipped_x0_is_ho_et_al_s_route_clip_then_posterior_mean():
+    """Algorithm 2 with clip_x0 is the released code's step: x0_hat (eq. 15) clipped to [-1, 1],
+    the posterior mean of eq. (7) at it, plus sigma_t z. x0_hat leaves [-1, 1] on most steps here,
+    so a missing or misplaced clip fails; where it stays inside, the noise is the model's own."""
+    s = ddpm.make_schedule("linear", 200)
+    x_T = torch.randn(3, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    clipped = ddpm.clip_x0(toy_eps, s)
+    _, xs = ddpm.sample_ddpm(
+        clipped, s, x_T.shape, torch.Generator().manual_seed(2), x_T=x_T, trajectory=True
+    )
+    g = torch.Generator().manual_seed(2)
+    steps_outside = 0
+    for step, (xt, x_prev) in zip(range(200, 0, -1), zip(xs, xs[1:])):
+        t = torch.full((3,), step)
+        z = torch.randn(xt.shape, generator=g, dtype=F64) if step > 1 else 0
+        x0_hat = ddpm.predict_x0(xt, t, toy_eps(xt, t), s)
+        mean, var = ddpm.q_posterior(x0_hat.clamp(-1, 1), xt, t, s)
+        assert torch.allclose(x_prev, mean + var.sqrt() * z, atol=1e-9)
+        inside = x0_hat.abs() <= 1
+        assert torch.allclose(clipped(xt, t)[inside], toy_eps(xt, t)[inside], atol=1e-9)
+        steps_outside += int(not inside.all())
+    assert steps_outside > 100 and xs[-1].abs().max() <= 1
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_clipped_samples_of_every_sampler_lie_in_the_data_range(sampler):
+    """eps_theta = 0 claims x0_hat = x_t / sqrt(alpha_bar_t), far outside [-1, 1]: every sampler
+    ends far outside without the clip and inside with it (each ends on a clipped x0_hat)."""
+    s = ddpm.make_schedule("linear", 100)
+    x_T = torch.randn(64, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    run = {
+        "ddpm": lambda m: ddpm.sample_ddpm(m, s, x_T.shape, torch.Generator(), x_T=x_T),
+        "ddim": lambda m: ddpm.sample_ddim(m, s, x_T.shape, 10, x_T=x_T),
+        "dpm": lambda m: ddpm.sample_dpm(m, s, x_T.shape, 10, x_T=x_T),
+    }[sampler]
+
+    def zero(xt, t):
+        return torch.zeros_like(xt)
+
+    assert run(zero).abs().max() > 10
+    assert run(ddpm.clip_x0(zero, s)).abs().max() <= 1 + 1e-9
+
+
 # -----------------------------------------------------------------------------
 # Samplers
 
@@ -695,6 +738,17 @@ def test_sample_writes_png_npz_and_gif(trained):
     )
 
 
+def test_sample_clips_x0_of_images_unless_told_not_to(trained, monkeypatch):
+    d, ckpt = trained
+    calls, clip_x0 = [], ddpm.clip_x0
+    monkeypatch.setattr(ddpm, "clip_x0", lambda m, s: calls.append(m) or clip_x0(m, s))
+    for flags, n_calls in (("", 1), ("--no-clip", 0)):
+        calls.clear()
+        out = d / "clip.npz"
+        assert cli(f"sample --ckpt {ckpt} --sampler ddim --steps 2 --n 2 --out {out} {flags}") == 0
+        assert len(calls) == n_calls, flags
+
+
 def test_same_seed_gives_the_same_file(trained):
     d, ckpt = trained
     files = []
@@ -1035,6 +1089,7 @@ def test_swissroll_cli_writes_png_npz_gif_and_reports_the_distance(roll, capsys)
     assert capsys.readouterr().out.count("sliced W2 to fresh data") == 3
     points = np.load(d / "r.npz")["points"]
     assert points.shape == (500, 2) and points.dtype == np.float32
+    assert np.abs(points).max() > 1.1  # the roll reaches 1.5: points are never clipped to [-1, 1]
     png = np.asarray(Image.open(d / "r.png"))
     # one black pixel per point, some shared
     assert png.shape == (256, 256) and 100 < (png == 0).sum() <= 500
@@ -1407,12 +1462,26 @@ def test_torchrun_trains_on_two_processes_and_sigterm_stops_both_after_the_same_
     assert torch.load(out, weights_only=True)["step"] == int(stops["0"]) >= 2
 
 
-def test_drawn_labels_follow_the_stored_frequencies():
-    freq, N = [0.5, 0.3, 0.2, 0.0], 100_000
-    y = ddpm.draw_labels(freq, N, gen(0))
-    share = torch.bincount(y, minlength=4).double() / N
+@settings(deadline=None, max_examples=50)
+@given(n=st.integers(1, 2000), data=st.data())
+def test_drawn_labels_match_the_stored_frequencies_to_within_one(n, data):
+    weights = data.draw(st.lists(st.integers(0, 20), min_size=1, max_size=12).filter(any))
+    freq = [w / sum(weights) for w in weights]
+    y = ddpm.draw_labels(freq, n, gen(data.draw(st.integers(0, 1000))))
+    counts = torch.bincount(y, minlength=len(freq)).double()
+    assert len(y) == n and len(counts) == len(freq)
+    assert ((counts - n * torch.tensor(freq, dtype=F64)).abs() < 1 + 1e-9).all()
+
+
+def test_each_drawn_label_is_distributed_as_the_stored_frequencies():
+    """Over many seeds, the label at each position of a draw of 3 follows p(y): the systematic
+    points are shuffled, so no position is tied to the low or the high classes."""
+    freq, seeds = [0.5, 0.3, 0.2, 0.0], 20_000
+    y = torch.stack([ddpm.draw_labels(freq, 3, gen(s)) for s in range(seeds)])  # (seeds, 3)
     p = torch.tensor(freq, dtype=F64)
-    assert share[3] == 0 and ((share - p).abs() <= 5 * (p * (1 - p) / N).sqrt()).all()
+    for position in range(3):
+        share = torch.bincount(y[:, position], minlength=4).double() / seeds
+        assert share[3] == 0 and ((share - p).abs() <= 5 * (p * (1 - p) / seeds).sqrt()).all()
 
 
 def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_training_frequencies(
@@ -1443,6 +1512,29 @@ def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_trainin
     seen.clear()  # --guidance without --class: the same drawn labels, each next to "no label"
     assert ddpm.main(args + ["--guidance", "1", "--out", str(tmp_path / "g.npz")]) == 0
     assert len(seen) == 2 and torch.equal(seen[0], torch.cat([y, torch.full_like(y, 10)]))
+
+
+def test_training_previews_draw_as_sample_does_without_class(tmp_path, monkeypatch):
+    """--sample-every grids of a conditional run: labels drawn from p(y) (not "no label"), the same
+    16 each time, and x0_hat clipped, as `sample` draws without --class."""
+    write_mnist(tmp_path)
+    seen, forward = [], ddpm.UNet.forward
+    clips, clip_x0 = [], ddpm.clip_x0
+
+    def recording(self, x, t, y=None):
+        if not torch.is_grad_enabled():  # sampling, not a training step
+            seen.append(y)
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(ddpm.UNet, "forward", recording)
+    monkeypatch.setattr(ddpm, "clip_x0", lambda m, s: clips.append(m) or clip_x0(m, s))
+    ckpt = tmp_path / "p.pt"
+    assert cli(f"train --data-dir {tmp_path} --steps 4 --sample-every 2 --out {ckpt}", TINY) == 0
+    assert (tmp_path / "p_step0000002.png").exists() and (tmp_path / "p_step0000004.png").exists()
+    freq = torch.load(ckpt, weights_only=True)["config"]["label_freq"]
+    drawn = ddpm.draw_labels(freq, 16, torch.Generator().manual_seed(0))
+    assert len(seen) == 2 * 20 and all(torch.equal(y, drawn) for y in seen)  # T = 20: 20 calls
+    assert len(clips) == 2
 
 
 def test_the_defaults_condition_on_labels_when_the_data_has_them(tmp_path):
