@@ -918,7 +918,7 @@ def sample(args):
         eps_model = guided(model, y.to(device), w)
         args.n = len(y)
     shape = (args.n, *ckpt["config"]["data_shape"])
-    if args.clip and run["dataset"] != "swissroll":  # images lie in [-1, 1]; points do not
+    if args.clip and len(shape) > 2:  # images lie in [-1, 1]; points do not
         eps_model = clip_x0(eps_model, sched)
     gif = args.out.lower().endswith(".gif")
     t0 = time.time()
