@@ -430,20 +430,29 @@ def drop_labels(y, p, n_classes, generator):
     return torch.where(dropped, n_classes, y)
 
 
-def guided(model, y, w):
+def guided(model, y, w, t_lo=0, t_hi=math.inf):
     """eps_model(x_t, t) for labels y and guidance weight w, eq. (6):
     (1 + w) eps(x_t, t, y) - w eps(x_t, t). w = 0 is the conditional model; w > 0 pushes away
-    from the unconditional prediction."""
-    if w == 0:  # the conditional prediction alone: one call of B, not 2B
-        return lambda xt, t: model(xt, t, y)
+    from the unconditional prediction. w applies for t_lo <= t <= t_hi and is 0 at other t:
+    guidance in an interval (Kynkaanniemi et al. 2024, arXiv:2404.07724)."""
     no_label = torch.full_like(y, model.config["n_classes"])
 
-    def eps_model(xt, t):  # both predictions from one batched call
+    def eps_model(xt, t):
+        w_t = ((t_lo <= t) & (t <= t_hi)).to(xt.dtype) * w
+        w_t = w_t.view(-1, *[1] * (xt.dim() - 1))
+        if not w_t.any():  # the conditional prediction alone: one call of B, not 2B
+            return model(xt, t, y)
         both = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, no_label]))
-        eps_y, eps_none = both.to(xt.dtype).chunk(2)
-        return (1 + w) * eps_y - w * eps_none
+        eps_y, eps_none = both.to(xt.dtype).chunk(2)  # both predictions from one batched call
+        return (1 + w_t) * eps_y - w_t * eps_none
 
     return eps_model
+
+
+# Unconditional samples of a conditional net: y ~ p(y), then x | y guided a little, in an interval
+# of t (README, "How good it is": more confident digits, for 15 double batches in DDIM's 50 calls)
+UNCOND_W = 0.25
+UNCOND_T = (0.3, 0.6)  # t_lo / T, t_hi / T
 
 
 def draw_labels(label_freq, n, generator):
@@ -840,7 +849,8 @@ def train(args):
                 eps_model = ema.model
                 if K:  # as `sample` without --class: labels drawn from p(y), not "no label"
                     y = draw_labels(label_freq, n, torch.Generator().manual_seed(0))
-                    eps_model = guided(ema.model, y.to(device), 0.0)
+                    t_lo, t_hi = (f * args.T for f in UNCOND_T)
+                    eps_model = guided(ema.model, y.to(device), UNCOND_W, t_lo, t_hi)
                 if images:
                     eps_model = clip_x0(eps_model, sched)
                 with amp:
@@ -905,17 +915,25 @@ def sample(args):
         raise UserError(
             f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T"
         )
+    if args.guidance_t and (len(args.guidance_t) != 2 or args.guidance_t[0] > args.guidance_t[1]):
+        raise UserError(
+            f"--guidance-t {','.join(f'{v:g}' for v in args.guidance_t)}: "
+            "two values LO,HI with LO <= HI"
+        )
     gen = torch.Generator(device).manual_seed(args.seed)
     K = model.config.get("n_classes", 0)  # the MLP has no labels
     eps_model = model  # "no label": an unconditional net, or --class none
-    if args.cls is None and K:  # unconditional: y ~ p(y), then x | y (guided if --guidance)
+    if args.cls is None and K:  # unconditional: y ~ p(y), then x | y
         label_freq = ckpt["config"].get("label_freq", [1 / K] * K)  # older checkpoints: uniform
         y = draw_labels(label_freq, args.n, torch.Generator().manual_seed(args.seed))
-        eps_model = guided(model, y.to(device), args.guidance or 0.0)
-    elif args.cls not in (None, "none") or args.guidance is not None:
+        w = UNCOND_W if args.guidance is None else args.guidance
+        t_lo, t_hi = args.guidance_t or [f * sched.T for f in UNCOND_T]
+        eps_model = guided(model, y.to(device), w, t_lo, t_hi)
+    elif args.cls not in (None, "none") or args.guidance is not None or args.guidance_t:
         y = class_labels(args.cls, args.n, K)
         w = 3.0 if args.guidance is None else args.guidance
-        eps_model = guided(model, y.to(device), w)
+        t_lo, t_hi = args.guidance_t or (0, sched.T)
+        eps_model = guided(model, y.to(device), w, t_lo, t_hi)
         args.n = len(y)
     shape = (args.n, *ckpt["config"]["data_shape"])
     if args.clip and len(shape) > 2:  # images lie in [-1, 1]; points do not
@@ -948,6 +966,10 @@ def sample(args):
 
 def comma_ints(s):
     return [int(v) for v in s.split(",")]
+
+
+def comma_floats(s):
+    return [float(v) for v in s.split(",")]
 
 
 def main(argv=None):
@@ -1031,7 +1053,16 @@ def main(argv=None):
         "None: unconditional, each label drawn from the training set's frequencies",
     )
     sa.add_argument(
-        "--guidance", type=float, help="classifier-free guidance w; None: 3 with --class, else 0"
+        "--guidance",
+        type=float,
+        help=f"classifier-free guidance w; None: 3 with --class, else {UNCOND_W}",
+    )
+    sa.add_argument(
+        "--guidance-t",
+        type=comma_floats,
+        metavar="LO,HI",
+        help="guide only for LO <= t <= HI; None: every t with --class, else "
+        f"{UNCOND_T[0]} T..{UNCOND_T[1]} T",
     )
     sa.add_argument(
         "--no-clip",

@@ -1137,6 +1137,13 @@ def test_guidance_is_linear_in_w_and_one_batched_call_equals_two():
         calls.clear()
         assert torch.equal(ddpm.guided(counting, y, 0.0)(x, t), model(x, t, y))
         assert len(calls[0][0]) == 4
+        # in an interval: w at 200 and 500 (the bounds count), 0 at 1 and 999
+        w_t = torch.tensor([0.0, 2.0, 2.0, 0.0]).view(4, 1, 1, 1)
+        out = ddpm.guided(counting, y, 2.0, 200, 500)(x, t)
+        assert torch.allclose(out, (1 + w_t) * e_y - w_t * e_none, atol=1e-5)
+        calls.clear()  # no t inside: the conditional prediction, from a call of 4
+        assert torch.equal(ddpm.guided(counting, y, 2.0, 1000, 2000)(x, t), model(x, t, y))
+        assert len(calls[0][0]) == 4
 
 
 class TwoPointOracle:
@@ -1199,6 +1206,13 @@ def test_cond_cli_trains_and_samples_a_class_and_all_classes(tmp_path, capsys):
     assert "--class 10: 0..9 or all" in capsys.readouterr().err
     assert cli(f"sample --ckpt {ckpt} --class none --guidance 2 --out {tmp_path / 'x.png'}") == 2
     assert "--class none: 0..9 or all" in capsys.readouterr().err  # "no label" cannot be guided
+    assert (
+        cli(f"sample --ckpt {ckpt} --class none --guidance-t 1,9 --out {tmp_path / 'x.png'}") == 2
+    )
+    assert "--class none: 0..9 or all" in capsys.readouterr().err
+    for bad in ("600,300", "300"):
+        assert cli(f"sample --ckpt {ckpt} --guidance-t {bad} --out {tmp_path / 'x.png'}") == 2
+        assert f"--guidance-t {bad}: two values LO,HI with LO <= HI" in capsys.readouterr().err
     plain = str(tmp_path / "plain.pt")
     assert cli(f"train --data-dir {tmp_path} --steps 1 --out {plain} --no-cond", TINY) == 0
     for flag in (["--class", "3"], ["--guidance", "1"]):
@@ -1494,24 +1508,27 @@ def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_trainin
     assert cli(f"train --data-dir {tmp_path} --steps 1 --out {ckpt} --cond", TINY) == 0
     freq = torch.load(ckpt, weights_only=True)["config"]["label_freq"]
     assert freq == pytest.approx([5 / 48] * 8 + [4 / 48] * 2)
-    seen, forward = [], ddpm.UNet.forward
+    seen, forward = {}, ddpm.UNet.forward
 
     def recording(self, x, t, y=None):
-        seen.append(torch.full_like(t, 10) if y is None else y)
+        seen[int(t[0])] = torch.full_like(t, 10) if y is None else y
         return forward(self, x, t, y)
 
     monkeypatch.setattr(ddpm.UNet, "forward", recording)
-    args = ["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "2", "--n", "300"]
-    assert ddpm.main(args + ["--out", str(tmp_path / "u.npz")]) == 0
-    y = seen[0]
-    assert len(seen) == 2 and len(y) == 300 and torch.equal(seen[1], y)  # one label per sample
-    assert y.max() < 10 and len(y.unique()) == 10  # every class, never "no label"
+    args = ["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "20", "--n", "300"]
+    assert ddpm.main(args + ["--out", str(tmp_path / "u.npz")]) == 0  # T = 20: every t, 20..1
+    y = seen[1]
+    assert len(y) == 300 and y.max() < 10 and len(y.unique()) == 10  # never "no label"
+    # guided (each label next to "no label", one call) for 0.3 T <= t <= 0.6 T, T = 20: 6..12
+    y_none = torch.cat([y, torch.full_like(y, 10)])
+    assert all(torch.equal(seen[t], y_none if 6 <= t <= 12 else y) for t in range(1, 21))
     seen.clear()
     assert ddpm.main(args + ["--class", "none", "--out", str(tmp_path / "n.npz")]) == 0
-    assert all((y == 10).all() for y in seen)
-    seen.clear()  # --guidance without --class: the same drawn labels, each next to "no label"
-    assert ddpm.main(args + ["--guidance", "1", "--out", str(tmp_path / "g.npz")]) == 0
-    assert len(seen) == 2 and torch.equal(seen[0], torch.cat([y, torch.full_like(y, 10)]))
+    assert all((y == 10).all() for y in seen.values())
+    for flags, guided_t in (("--guidance 0", []), ("--guidance 1 --guidance-t 2,19", range(2, 20))):
+        seen.clear()
+        assert ddpm.main(args + flags.split() + ["--out", str(tmp_path / "g.npz")]) == 0
+        assert all(torch.equal(seen[t], y_none if t in guided_t else y) for t in range(1, 21))
 
 
 def test_training_previews_draw_as_sample_does_without_class(tmp_path, monkeypatch):
@@ -1523,7 +1540,7 @@ def test_training_previews_draw_as_sample_does_without_class(tmp_path, monkeypat
 
     def recording(self, x, t, y=None):
         if not torch.is_grad_enabled():  # sampling, not a training step
-            seen.append(y)
+            seen.append((int(t[0]), y))
         return forward(self, x, t, y)
 
     monkeypatch.setattr(ddpm.UNet, "forward", recording)
@@ -1533,7 +1550,9 @@ def test_training_previews_draw_as_sample_does_without_class(tmp_path, monkeypat
     assert (tmp_path / "p_step0000002.png").exists() and (tmp_path / "p_step0000004.png").exists()
     freq = torch.load(ckpt, weights_only=True)["config"]["label_freq"]
     drawn = ddpm.draw_labels(freq, 16, torch.Generator().manual_seed(0))
-    assert len(seen) == 2 * 20 and all(torch.equal(y, drawn) for y in seen)  # T = 20: 20 calls
+    guided = torch.cat([drawn, torch.full_like(drawn, 10)])  # for 0.3 T <= t <= 0.6 T
+    assert len(seen) == 2 * 20  # T = 20: 20 calls
+    assert all(torch.equal(y, guided if 6 <= t <= 12 else drawn) for t, y in seen)
     assert len(clips) == 2
 
 
