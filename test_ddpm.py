@@ -1508,27 +1508,31 @@ def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_trainin
     assert cli(f"train --data-dir {tmp_path} --steps 1 --out {ckpt} --cond", TINY) == 0
     freq = torch.load(ckpt, weights_only=True)["config"]["label_freq"]
     assert freq == pytest.approx([5 / 48] * 8 + [4 / 48] * 2)
-    seen, forward = {}, ddpm.UNet.forward
+    calls, forward = [], ddpm.UNet.forward
 
     def recording(self, x, t, y=None):
-        seen[int(t[0])] = torch.full_like(t, 10) if y is None else y
+        calls.append((int(t[0]), torch.full_like(t, 10) if y is None else y))
         return forward(self, x, t, y)
+
+    def seen():  # {t: labels}, after checking there was one call per t, from T = 20 down to 1
+        assert [t for t, _ in calls] == list(range(20, 0, -1))
+        return dict(calls)
 
     monkeypatch.setattr(ddpm.UNet, "forward", recording)
     args = ["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "20", "--n", "300"]
     assert ddpm.main(args + ["--out", str(tmp_path / "u.npz")]) == 0  # T = 20: every t, 20..1
-    y = seen[1]
+    y = seen()[1]
     assert len(y) == 300 and y.max() < 10 and len(y.unique()) == 10  # never "no label"
     # guided (each label next to "no label", one call) for 0.3 T <= t <= 0.6 T, T = 20: 6..12
     y_none = torch.cat([y, torch.full_like(y, 10)])
-    assert all(torch.equal(seen[t], y_none if 6 <= t <= 12 else y) for t in range(1, 21))
-    seen.clear()
+    assert all(torch.equal(y_t, y_none if 6 <= t <= 12 else y) for t, y_t in seen().items())
+    calls.clear()
     assert ddpm.main(args + ["--class", "none", "--out", str(tmp_path / "n.npz")]) == 0
-    assert all((y == 10).all() for y in seen.values())
+    assert all((y_t == 10).all() for y_t in seen().values())
     for flags, guided_t in (("--guidance 0", []), ("--guidance 1 --guidance-t 2,19", range(2, 20))):
-        seen.clear()
+        calls.clear()
         assert ddpm.main(args + flags.split() + ["--out", str(tmp_path / "g.npz")]) == 0
-        assert all(torch.equal(seen[t], y_none if t in guided_t else y) for t in range(1, 21))
+        assert all(torch.equal(y_t, y_none if t in guided_t else y) for t, y_t in seen().items())
 
 
 def test_training_previews_draw_as_sample_does_without_class(tmp_path, monkeypatch):
