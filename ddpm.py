@@ -3,7 +3,8 @@
   DDIM  Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502
 
     python ddpm.py sample --sampler ddim      # DDIM, 50 steps, the model in samples/: sample.png
-    python ddpm.py train --epochs 30          # Algorithm 1 on MNIST, writes ckpt.pt
+    python ddpm.py sample                     # Algorithm 2, T = 1000 steps: ~4 minutes on 2 cores
+    python ddpm.py train --epochs 30          # Algorithm 1 on MNIST (downloaded), writes ckpt.pt
     python -m pytest                          # the tests: the code is the papers' math
 
 The papers' core comes first: the schedule and forward process, Algorithm 1, Algorithm 2, DDIM, the
@@ -597,6 +598,13 @@ def load_checkpoint(path, device):
         raise UserError(f"no checkpoint at {path} (train one with: python ddpm.py train)")
     try:  # fp16 weights (samples/) are cast to the model's fp32 by load_state_dict
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = type(e).__name__
+        with contextlib.suppress(Exception):  # a torch.save file, with Python objects in it?
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            why = f"it pickles {', '.join(unsafe)}: unpickling could run code, refused"
+        raise UserError(f"{path} is not a ddpm.py checkpoint ({why})") from None
+    try:
         model = make_net(ckpt["config"]["data_shape"], **ckpt["config"]["model"])
         model.load_state_dict(ckpt["ema"])
     except Exception as e:
@@ -608,9 +616,7 @@ def load_checkpoint(path, device):
 
 
 # images in [-1, 1]: a grid sqrt(N) wide; points: a 256 x 256 histogram of [-1.5, 1.5]^2
-def grid_image(
-    x,
-):
+def grid_image(x):
     if x.dim() == 2:
         ij = ((x.float().clamp(-1.5, 1.5) + 1.5) * 255 / 3).round().long().cpu()  # (N, 2) pixels
         hist = torch.zeros(256, 256).index_put_(
@@ -658,6 +664,25 @@ def has_native_bf16(device):  # CUDA with bf16, or a CPU with AVX512-BF16 (or AM
         return "avx512_bf16" in f.read()
 
 
+def check_device(name):  # --device as a torch.device this machine has, or one line saying why not
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; auto, cpu, cuda, cuda:N or mps") from None
+    count = {
+        "cpu": 1,
+        "cuda": torch.cuda.device_count(),
+        "mps": int(torch.backends.mps.is_available()),
+    }
+    if device.type not in count:
+        raise UserError(f"--device {name}: ddpm.py runs on auto, cpu, cuda, cuda:N or mps")
+    if (device.index or 0) >= count[device.type]:
+        raise UserError(
+            f"--device {name}: this machine has {count[device.type]} {device.type} device(s)"
+        )
+    return device
+
+
 # auto: cuda, then mps, then cpu; bf16 where native, CUDA else fp16
 def pick_device(name, precision):
     if name == "auto" and torch.cuda.is_available():
@@ -666,7 +691,7 @@ def pick_device(name, precision):
         name = "mps"
     elif name == "auto":
         name = "cpu"
-    device = torch.device(name)
+    device = check_device(name)
     if precision != "auto":
         return device, precision
     if has_native_bf16(device):
@@ -719,36 +744,81 @@ def hms(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
+class Progress:
+    """The progress line of every long command, "step k/N | <fields> | <rate> | elapsed | eta":
+    2 s after the start, then every 10 s, and at the last step if a line came before. The rate and
+    the eta are the pace since the previous line; a command done in 2 s prints none."""
+
+    def __init__(self, total, done=0, unit=None, per_step=1, log=print):
+        self.total = total
+        self.k = self.k_last = done
+        self.unit = unit  # e.g. "img": a rate of per_step units a step; None: no rate
+        self.per_step = per_step
+        self.log = log
+        self.t0 = self.t_last = time.time()
+        self.printed = False
+
+    def tick(self, *fields):  # one step done
+        self.k += 1
+        now = time.time()
+        due = now - self.t_last >= (10 if self.printed else 2)
+        if not (due or (self.printed and self.k == self.total)):
+            return
+        per_second = (self.k - self.k_last) / max(now - self.t_last, 1e-9)  # steps
+        rate = [f"{per_second * self.per_step:.0f} {self.unit}/s"] if self.unit else []
+        eta = (self.total - self.k) / per_second
+        line = [f"step {self.k}/{self.total}", *fields, *rate, f"elapsed {hms(now - self.t0)}"]
+        self.log(" | ".join([*line, f"eta {hms(eta)}"]), flush=True)
+        self.t_last = now
+        self.k_last = self.k
+        self.printed = True
+
+
+@dataclass
+class Run:
+    """One training run: what build_run makes and train_loop advances."""
+
+    args: argparse.Namespace  # the flags; on --resume, the run's own from its checkpoint
+    rank: int  # this process, of `world` (torchrun); rank 0 logs and saves
+    world: int
+    device: torch.device
+    data: torch.Tensor  # (N, C, H, W) uint8 images or (N, 2) points, on the device
+    labels: torch.Tensor  # (N,) class labels; all 0 for an unconditional run
+    K: int  # classes; label K is "no label", the only label if K = 0
+    sched: Schedule
+    model: nn.Module
+    net: nn.Module  # what the step calls; with several processes, the wrapper averaging gradients
+    ema: EMA
+    opt: torch.optim.Optimizer
+    amp: contextlib.AbstractContextManager  # autocast in the run's precision
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; a no-op otherwise
+    config: dict  # what load_checkpoint and sample need to rebuild the network and draw from it
+    step: int  # optimizer steps taken
+
+
 def train(args):
+    """Algorithm 1 with its machinery: build the run, take its steps, save; the exit code."""
+    run = build_run(args)
+    stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
+    handlers = {
+        s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        train_loop(run, stop)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return finish_run(run, stop)
+
+
+def build_run(args):
+    """The run from the flags, or continued from the checkpoint that --resume names."""
     device, args.precision = pick_device(args.device, args.precision)
     rank, world, device = start_processes(device)
     check_writable(args.out)
-    ckpt = None
-    if args.resume:
-        ckpt, _ = load_checkpoint(args.resume, device)
-        if "opt" not in ckpt:
-            raise UserError(
-                f"--resume {args.resume}: has EMA weights only (like samples/), no training state"
-            )
-        # the run's definition comes from the checkpoint; length, files, cadence from this command
-        vars(args).update(
-            {k: v for k, v in ckpt["config"]["train"].items() if k in RUN_KEYS.split()}
-        )
-
-    data, labels = load_data(args.dataset, args.data_dir, args.seed, args.image_size)
-    if args.cond is None:
-        args.cond = labels is not None  # conditional whenever the data set has labels
-    if args.cond and labels is None:
-        raise UserError(f"--cond: {args.dataset} has no labels")
-    # classes; label K is "no label", the only one if K = 0
-    K = int(labels.max()) + 1 if args.cond else 0
-    if not args.cond:
-        labels = torch.zeros(len(data), dtype=torch.long)
-    data = data.to(device)
-    labels = labels.to(device)
+    ckpt = resume_checkpoint(args, device) if args.resume else None
+    data, labels, K = training_data(args)
     images = data.dim() > 2
-    # photographs get random horizontal flips (Ho et al., CIFAR-10); digits not
-    flip = data.shape[1] == 3
     # not the paper's 2e-4 and 128 (35.7 M parameters, TPUs): at this size on a CPU more and larger
     # steps win (README: the recipe); points (a small MLP) take larger ones still
     if args.batch_size is None:
@@ -768,7 +838,7 @@ def train(args):
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
         ema.n = ckpt["ema_n"]
-    net = model  # what the step calls; with several processes, the wrapper that averages gradients
+    net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -776,102 +846,153 @@ def train(args):
     amp = autocast(device, args.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 only
     label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
-    config = {  # what load_checkpoint and sample need to rebuild the network and draw from it
+    config = {
         "model": model.config,
         "data_shape": list(data.shape[1:]),
         "label_freq": label_freq,  # p(y), for unconditional samples from a conditional net
         "train": dict(vars(args)),
     }
-
-    B = min(args.batch_size, len(data) // world)  # per process; each step reads B * world images
-    per_epoch = len(data) // (B * world)  # an epoch's last, partial batch is dropped
-    total = args.steps or args.epochs * per_epoch
-    save_every = args.save_every or per_epoch
-    unit = "img" if images else "points"
-    log = print if rank == 0 else lambda *a, **k: None
-    n_params = sum(p.numel() for p in model.parameters())
-    log(
-        f"{type(model).__name__} {n_params:,} parameters | {len(data)} {unit} | "
-        f"{per_epoch} steps/epoch | "
-        f"steps {step}..{total} | {device} {args.precision} | {world} process(es) x batch {B}"
+    data = data.to(device)
+    labels = labels.to(device)
+    return Run(
+        args,
+        rank,
+        world,
+        device,
+        data,
+        labels,
+        K,
+        sched,
+        model,
+        net,
+        ema,
+        opt,
+        amp,
+        scaler,
+        config,
+        step,
     )
 
-    stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
-    handlers = {
-        s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        perm_epoch = None
-        smooth = float("nan")
-        t0 = t_log = time.time()
-        n_log = 0
-        while step < total and not on_any_rank(bool(stop), world, device):
-            epoch, i = divmod(step, per_epoch)
-            # the order follows from (seed, epoch): a resumed run sees the same data
-            if epoch != perm_epoch:
-                perm = torch.randperm(
-                    len(data), generator=torch.Generator().manual_seed(args.seed + epoch)
-                )
-                perm = perm.to(device)
-                perm_epoch = epoch
-            idx = shard(perm, i, B, rank, world)
-            # this step's draws (labels dropped, flips, t, eps), the same after a resume
-            gen = torch.Generator(device).manual_seed(hash((args.seed, step, rank)))
-            x0 = to_model_range(data[idx])
-            y = drop_labels(labels[idx], args.p_uncond, K, gen)
-            if flip:
-                x0 = torch.where(
-                    torch.rand(B, 1, 1, 1, generator=gen, device=device) < 0.5, x0.flip(3), x0
-                )
-            loss = train_step(net, opt, x0, sched, gen, y, amp, scaler)
-            if loss is not None:
-                ema.update(model)
-                smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
-            step += 1
-            n_log += B * world
-            now = time.time()
-            if now - t_log >= 10 or step == total:  # a progress line every 10 s
-                rate = n_log / (now - t_log)
-                log(
-                    f"step {step}/{total} | epoch {epoch + 1} | loss {smooth:.4f} | "
-                    f"{rate:.0f} {unit}/s | "
-                    f"elapsed {hms(now - t0)} | eta {hms((total - step) * B * world / rate)}",
-                    flush=True,
-                )
-                t_log = now
-                n_log = 0
-            if rank == 0 and step % save_every == 0:
-                save_checkpoint(args.out, config, model, ema, opt, step)
-            # a grid from the EMA weights, always from the same noise: progress at a glance
-            if rank == 0 and args.sample_every and step % args.sample_every == 0:
-                n = 16 if images else 2000
-                preview = torch.Generator(device).manual_seed(0)
-                eps_model = ema.model
-                if K:  # as `sample` without --class: labels drawn from p(y), not "no label"
-                    y = draw_labels(label_freq, n, torch.Generator().manual_seed(0))
-                    t_lo, t_hi = (f * args.T for f in UNCOND_T)
-                    eps_model = guided(ema.model, y.to(device), UNCOND_W, t_lo, t_hi)
-                if images:
-                    eps_model = clip_x0(eps_model, sched)
-                with amp:
-                    x = sample_ddim(
-                        eps_model, sched, (n, *data.shape[1:]), min(50, args.T), generator=preview
-                    )
-                save_samples(f"{os.path.splitext(args.out)[0]}_step{step:07d}.png", x)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    if rank == 0:
-        save_checkpoint(args.out, config, model, ema, opt, step)
-        print(f"saved {args.out} at step {step}")
-    if world > 1:
+
+def resume_checkpoint(args, device):
+    """The checkpoint to continue; the run's definition (model, data, lr...) is taken from it into
+    args, while its length, files and cadence stay this command's."""
+    ckpt, _ = load_checkpoint(args.resume, device)
+    if "opt" not in ckpt:
+        raise UserError(
+            f"--resume {args.resume}: has EMA weights only (like samples/), no training state"
+        )
+    vars(args).update({k: v for k, v in ckpt["config"]["train"].items() if k in RUN_KEYS.split()})
+    return ckpt
+
+
+def training_data(args):
+    """(data, labels, K): conditional on K classes whenever the data has labels, unless --no-cond
+    (then K = 0 and every label is 0, which the network reads as "no label")."""
+    data, labels = load_data(args.dataset, args.data_dir, args.seed, args.image_size)
+    if args.cond is None:
+        args.cond = labels is not None
+    if args.cond and labels is None:
+        raise UserError(f"--cond: {args.dataset} has no labels")
+    if data.dim() > 2:
+        check_levels(args.ch_mult, data.shape[2:])
+    K = int(labels.max()) + 1 if args.cond else 0
+    if not args.cond:
+        labels = torch.zeros(len(data), dtype=torch.long)
+    return data, labels, K
+
+
+def check_levels(ch_mult, hw):  # the U-Net halves H and W once per level but the last
+    halvings = 2 ** (len(ch_mult) - 1)
+    if hw[0] % halvings or hw[1] % halvings:
+        raise UserError(
+            f"--ch-mult {','.join(map(str, ch_mult))}: {len(ch_mult)} levels halve the images "
+            f"{len(ch_mult) - 1} times, and {hw[0]} x {hw[1]} does not divide by {halvings}"
+        )
+
+
+def train_loop(run, stop):
+    """Algorithm 1's "repeat ... until converged": a step a batch, to the last step or a signal."""
+    args = run.args
+    B = min(args.batch_size, len(run.data) // run.world)  # per process; a step reads B * world
+    per_epoch = len(run.data) // (B * run.world)  # an epoch's last, partial batch is dropped
+    total = args.steps or args.epochs * per_epoch
+    save_every = args.save_every or per_epoch
+    unit = "img" if run.data.dim() > 2 else "points"
+    log = print if run.rank == 0 else lambda *a, **k: None
+    n_params = sum(p.numel() for p in run.model.parameters())
+    log(
+        f"{type(run.model).__name__} {n_params:,} parameters | {len(run.data)} {unit} | "
+        f"{per_epoch} steps/epoch | steps {run.step}..{total} | "
+        f"{run.device} {args.precision} | {run.world} process(es) x batch {B}"
+    )
+    progress = Progress(total, run.step, unit, B * run.world, log)
+    smooth = float("nan")
+    perm_epoch = None
+    while run.step < total and not on_any_rank(bool(stop), run.world, run.device):
+        epoch, i = divmod(run.step, per_epoch)
+        # the order follows from (seed, epoch): a resumed run sees the same data
+        if epoch != perm_epoch:
+            order = torch.Generator().manual_seed(args.seed + epoch)
+            perm = torch.randperm(len(run.data), generator=order).to(run.device)
+            perm_epoch = epoch
+        # this step's draws (labels dropped, flips, t, eps), the same after a resume
+        gen = torch.Generator(run.device).manual_seed(hash((args.seed, run.step, run.rank)))
+        x0, y = training_batch(run, shard(perm, i, B, run.rank, run.world), gen)
+        loss = train_step(run.net, run.opt, x0, run.sched, gen, y, run.amp, run.scaler)
+        if loss is not None:
+            run.ema.update(run.model)
+            smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
+        run.step += 1
+        progress.tick(f"epoch {epoch + 1}", f"loss {smooth:.4f}")
+        if run.rank == 0 and run.step % save_every == 0:
+            save_checkpoint(args.out, run.config, run.model, run.ema, run.opt, run.step)
+        if run.rank == 0 and args.sample_every and run.step % args.sample_every == 0:
+            save_preview(run)
+
+
+def training_batch(run, idx, gen):  # x_0 in [-1, 1] and labels, some dropped; photos flipped
+    x0 = to_model_range(run.data[idx])
+    y = drop_labels(run.labels[idx], run.args.p_uncond, run.K, gen)
+    # photographs get random horizontal flips (Ho et al., CIFAR-10); digits not
+    if run.data.shape[1] == 3:
+        flips = torch.rand(len(idx), 1, 1, 1, generator=gen, device=run.device) < 0.5
+        x0 = torch.where(flips, x0.flip(3), x0)
+    return x0, y
+
+
+def save_preview(run):
+    """16 images (2,000 points) from the EMA weights, from the same noise each time and drawn as
+    `sample` draws without --class: the run's progress at a glance, next to its checkpoint."""
+    images = run.data.dim() > 2
+    n = 16 if images else 2000
+    eps_model = run.ema.model
+    if run.K:  # labels drawn from p(y), not "no label"
+        y = draw_labels(run.config["label_freq"], n, torch.Generator().manual_seed(0))
+        t_lo, t_hi = (f * run.sched.T for f in UNCOND_T)
+        eps_model = guided(run.ema.model, y.to(run.device), UNCOND_W, t_lo, t_hi)
+    if images:
+        eps_model = clip_x0(eps_model, run.sched)
+    shape = (n, *run.data.shape[1:])
+    preview = torch.Generator(run.device).manual_seed(0)
+    with run.amp:
+        x = sample_ddim(eps_model, run.sched, shape, min(50, run.sched.T), generator=preview)
+    save_samples(f"{os.path.splitext(run.args.out)[0]}_step{run.step:07d}.png", x)
+
+
+def finish_run(run, stop):  # the last save; the exit code says whether a signal stopped the run
+    if run.rank == 0:
+        save_checkpoint(run.args.out, run.config, run.model, run.ema, run.opt, run.step)
+        print(f"saved {run.args.out} at step {run.step}")
+    if run.world > 1:
         dist.barrier()  # rank 0 has saved
         dist.destroy_process_group()
     if not stop:
         return 0
-    where = f"rank {rank}: " if world > 1 else ""
+    where = f"rank {run.rank}: " if run.world > 1 else ""
     print(
-        f"{where}stopped by signal {stop[0]} after step {step}; continue with --resume {args.out}",
+        f"{where}stopped by signal {stop[0]} after step {run.step}; "
+        f"continue with --resume {run.args.out}",
         file=sys.stderr,
     )
     return 128 + stop[0]
@@ -893,6 +1014,7 @@ def class_labels(cls, n, K):  # --class K: n labels K; --class all: K rows of K,
 
 
 def sample(args):
+    """Load the checkpoint, choose the eps-model the flags ask for, run the sampler, save."""
     device, precision = pick_device(args.device, args.precision)
     if not 0 <= args.eta <= 1 or (args.eta and args.sampler == "dpm"):
         raise UserError(
@@ -915,29 +1037,12 @@ def sample(args):
         raise UserError(
             f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T"
         )
-    if args.guidance_t and (len(args.guidance_t) != 2 or args.guidance_t[0] > args.guidance_t[1]):
-        raise UserError(
-            f"--guidance-t {','.join(f'{v:g}' for v in args.guidance_t)}: "
-            "two values LO,HI with LO <= HI"
-        )
-    gen = torch.Generator(device).manual_seed(args.seed)
-    K = model.config.get("n_classes", 0)  # the MLP has no labels
-    eps_model = model  # "no label": an unconditional net, or --class none
-    if args.cls is None and K:  # unconditional: y ~ p(y), then x | y
-        label_freq = ckpt["config"].get("label_freq", [1 / K] * K)  # older checkpoints: uniform
-        y = draw_labels(label_freq, args.n, torch.Generator().manual_seed(args.seed))
-        w = UNCOND_W if args.guidance is None else args.guidance
-        t_lo, t_hi = args.guidance_t or [f * sched.T for f in UNCOND_T]
-        eps_model = guided(model, y.to(device), w, t_lo, t_hi)
-    elif args.cls not in (None, "none") or args.guidance is not None or args.guidance_t:
-        y = class_labels(args.cls, args.n, K)
-        w = 3.0 if args.guidance is None else args.guidance
-        t_lo, t_hi = args.guidance_t or (0, sched.T)
-        eps_model = guided(model, y.to(device), w, t_lo, t_hi)
-        args.n = len(y)
+    eps_model, args.n = sampling_eps_model(args, ckpt, model, sched)
     shape = (args.n, *ckpt["config"]["data_shape"])
     if args.clip and len(shape) > 2:  # images lie in [-1, 1]; points do not
         eps_model = clip_x0(eps_model, sched)
+    eps_model = with_progress(eps_model, steps)  # each sampler makes `steps` calls
+    gen = torch.Generator(device).manual_seed(args.seed)
     gif = args.out.lower().endswith(".gif")
     t0 = time.time()
     with autocast(device, precision):
@@ -964,6 +1069,42 @@ def sample(args):
     return 0
 
 
+def sampling_eps_model(args, ckpt, model, sched):
+    """(eps-model, number of samples) for --class and --guidance: without --class, a conditional net
+    draws y ~ p(y) and samples x | y, guided a little (UNCOND_W, UNCOND_T); with --class, x | y for
+    that class (w = 3 by default); --class none, or an unconditional net: the "no label" model."""
+    if args.guidance_t and (len(args.guidance_t) != 2 or args.guidance_t[0] > args.guidance_t[1]):
+        raise UserError(
+            f"--guidance-t {','.join(f'{v:g}' for v in args.guidance_t)}: "
+            "two values LO,HI with LO <= HI"
+        )
+    K = model.config.get("n_classes", 0)  # the MLP has no labels
+    device = next(model.parameters()).device
+    if args.cls is None and K:
+        label_freq = ckpt["config"].get("label_freq", [1 / K] * K)  # older checkpoints: uniform
+        y = draw_labels(label_freq, args.n, torch.Generator().manual_seed(args.seed))
+        w = UNCOND_W if args.guidance is None else args.guidance
+        t_lo, t_hi = args.guidance_t or [f * sched.T for f in UNCOND_T]
+        return guided(model, y.to(device), w, t_lo, t_hi), args.n
+    if args.cls not in (None, "none") or args.guidance is not None or args.guidance_t:
+        y = class_labels(args.cls, args.n, K)
+        w = 3.0 if args.guidance is None else args.guidance
+        t_lo, t_hi = args.guidance_t or (0, sched.T)
+        return guided(model, y.to(device), w, t_lo, t_hi), len(y)
+    return model, args.n
+
+
+def with_progress(eps_model, total):  # the eps-model, printing a progress line as it is called
+    progress = Progress(total)
+
+    def counted(xt, t):
+        eps = eps_model(xt, t)
+        progress.tick()
+        return eps
+
+    return counted
+
+
 def comma_ints(s):
     return [int(v) for v in s.split(",")]
 
@@ -972,7 +1113,7 @@ def comma_floats(s):
     return [float(v) for v in s.split(",")]
 
 
-def main(argv=None):
+def make_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         description="DDPM / DDIM on MNIST in one file.", formatter_class=fmt
@@ -986,7 +1127,13 @@ def main(argv=None):
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
         p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
-    # train: data and files
+    add_train_flags(tr)
+    add_sample_flags(sa)
+    return parser
+
+
+def add_train_flags(tr):
+    # data and files
     tr.add_argument(
         "--dataset", default="mnist", help="mnist, fashion, cifar10, swissroll, or a folder"
     )
@@ -1014,7 +1161,7 @@ def main(argv=None):
     tr.add_argument(
         "--sample-every", type=int, default=0, help="steps between EMA preview grids; 0: none"
     )
-    # train: model and schedule
+    # model and schedule
     tr.add_argument("--ch", type=int, default=32, help="base width of the U-Net")
     tr.add_argument("--ch-mult", type=comma_ints, default=[1, 2, 2], help="U-Net width per level")
     tr.add_argument("--n-res", type=int, default=2, help="residual blocks per resolution")
@@ -1022,7 +1169,7 @@ def main(argv=None):
         "--schedule", choices=["linear", "cosine"], default="linear", help="beta_t schedule"
     )
     tr.add_argument("--T", type=int, default=1000, help="diffusion steps")
-    # train: optimization
+    # optimization
     tr.add_argument("--epochs", type=int, default=30, help="passes over the data")
     tr.add_argument("--steps", type=int, help="total optimizer steps; overrides --epochs")
     tr.add_argument(
@@ -1032,7 +1179,9 @@ def main(argv=None):
         "--lr", type=float, help="AdamW learning rate; None: 1e-3 for images, 2e-3 for points"
     )
     tr.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay after warm-up")
-    # sample
+
+
+def add_sample_flags(sa):
     sa.add_argument(
         "--ckpt", help="checkpoint written by train; None: the model shipped in samples/"
     )
@@ -1073,21 +1222,39 @@ def main(argv=None):
     sa.add_argument(
         "--out", default="sample.png", help=".png grid, .npz uint8 images, .gif reverse process"
     )
-    args = parser.parse_args(argv)
-    lowest = {
-        "T": 2,
-        "ch": 1,
-        "n_res": 1,
-        "epochs": 1,
-        "steps": 1,
-        "batch_size": 1,
-        "n": 1,
-        "save_every": 1,
-    }
+
+
+# what every numeric flag accepts; flags a command does not have are skipped
+FLAG_RANGES = {
+    "T": (lambda v: v >= 2, "at least 2"),
+    "ch": (lambda v: v >= 1, "at least 1"),
+    "ch_mult": (lambda v: min(v) >= 1, "positive integers, e.g. 1,2,2"),
+    "n_res": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "steps": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "save_every": (lambda v: v >= 1, "at least 1"),
+    "sample_every": (lambda v: v >= 0, "at least 0"),
+    "lr": (lambda v: v > 0 and math.isfinite(v), "a number above 0"),
+    "p_uncond": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "n": (lambda v: v >= 1, "at least 1"),
+    "guidance": (math.isfinite, "a finite number"),
+    "guidance_t": (lambda v: not any(map(math.isnan, v)), "numbers, not nan"),
+}
+
+
+def check_flags(args):
+    for name, (ok, accepted) in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {accepted} (got {value})")
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     try:
-        for k, low in lowest.items():
-            if getattr(args, k, None) is not None and getattr(args, k) < low:
-                raise UserError(f"--{k.replace('_', '-')} must be at least {low}")
+        check_flags(args)
         if args.cmd == "train":
             return train(args)
         return sample(args)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -428,6 +429,35 @@ def test_a_non_finite_loss_skips_the_update():
     assert not torch.equal(before[0], next(model.parameters()))  # a finite batch does update
 
 
+class Affine(torch.nn.Module):  # eps_theta = scale * (w x_t + b): a gradient as large as asked
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+        self.w = torch.nn.Parameter(torch.ones(1, 3, 1, 1))
+        self.b = torch.nn.Parameter(torch.full((1, 3, 1, 1), 0.5))
+
+    def forward(self, xt, t, y=None):
+        return self.scale * (self.w * xt + self.b)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e4])
+def test_the_update_is_the_gradient_clipped_to_norm_1(scale):
+    """With SGD at lr 1 the update is minus the gradient train_step hands to the optimizer: the
+    true gradient (autograd, same t and eps) if its norm is under 1, else scaled to norm 1."""
+    sched = ddpm.make_schedule("linear", 100)
+    x0 = torch.rand(8, 3, 4, 4, generator=gen(0)) * 2 - 1
+    net = Affine(scale)
+    loss = ddpm.loss_fn(net, x0, sched, gen(1))
+    grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()))])
+    before = torch.cat([p.detach().flatten() for p in net.parameters()])
+    ddpm.train_step(net, torch.optim.SGD(net.parameters(), lr=1.0), x0, sched, gen(1))
+    update = before - torch.cat([p.detach().flatten() for p in net.parameters()])
+    if scale < 1:
+        assert grad.norm() < 1 and torch.allclose(update, grad, rtol=1e-4)
+    else:
+        assert grad.norm() > 1e3 and torch.allclose(update, grad / grad.norm(), rtol=1e-4)
+
+
 def test_bf16_loss_and_gradients_stay_close_to_fp32():
     """Same batch, same t and eps, fp32 and bf16 autocast. bf16 keeps 8 significant bits (unit
     roundoff 2^-9 = 0.2%) and autocast accumulates in fp32, so the loss should agree to a few
@@ -801,6 +831,29 @@ def bad_checkpoints(d, ckpt):
         ),
         (["train", "--T", "1", "--out", "{d}/keep.png"], "--T must be at least 2"),
         (["train", "--resume", "{d}/ema_only.pt", "--out", "{d}/keep.png"], "EMA weights only"),
+        (["sample", "--device", "nope"], "--device nope: not a device"),
+        (["train", "--device", "nope", "--out", "{d}/keep.png"], "--device nope: not a device"),
+        (["sample", "--device", "cuda:99"], "--device cuda:99: this machine has"),
+        pytest.param(
+            ["sample", "--device", "cuda"],
+            "--device cuda: this machine has 0 cuda",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        (["sample", "--device", "meta"], "--device meta: ddpm.py runs on"),
+        (["sample", "--device", "cpu:1"], "--device cpu:1: this machine has 1 cpu"),
+        (
+            ["train", "--data-dir", "{d}", "--ch-mult", "1,2,2,2,2,2,2", "--out", "{d}/keep.png"],
+            "--ch-mult 1,2,2,2,2,2,2: 7 levels halve the images 6 times",
+        ),
+        (["train", "--ch-mult", "2,0", "--out", "{d}/keep.png"], "--ch-mult must be positive"),
+        (["train", "--lr", "-1", "--out", "{d}/keep.png"], "--lr must be a number above 0"),
+        (["train", "--lr", "nan", "--out", "{d}/keep.png"], "--lr must be a number above 0"),
+        (["train", "--p-uncond", "2", "--out", "{d}/keep.png"], "--p-uncond must be a probability"),
+        (["train", "--ema-decay", "1", "--out", "{d}/keep.png"], "--ema-decay must be in [0, 1)"),
+        (["train", "--save-every", "0", "--out", "{d}/keep.png"], "--save-every must be at least"),
+        (["train", "--sample-every", "-1", "--out", "{d}/keep.png"], "--sample-every must be at"),
+        (["sample", "--guidance", "inf"], "--guidance must be a finite number"),
+        (["sample", "--guidance-t", "nan,600"], "--guidance-t must be numbers, not nan"),
     ],
 )
 def test_bad_input_is_one_line_and_overwrites_nothing(trained, capsys, args, message):
@@ -815,6 +868,28 @@ def test_bad_input_is_one_line_and_overwrites_nothing(trained, capsys, args, mes
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert (d / "keep.png").read_bytes() == b"precious"
+
+
+class RunsCode:  # unpickled, it creates a file: what a malicious checkpoint would do instead
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_runs_nothing(trained, capsys):
+    d, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    marker = d / "the_code_ran"
+    state["config"]["train"]["note"] = RunsCode(str(marker))
+    torch.save(state, d / "evil.pt")
+    assert not marker.exists()
+    for command in (f"sample --ckpt {d / 'evil.pt'}", f"train --resume {d / 'evil.pt'}"):
+        assert cli(command, ["--out", str(d / "evil_out.png")]) == 2
+        err = capsys.readouterr().err
+        assert "pickles" in err and "could run code" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not (d / "evil_out.png").exists()
 
 
 def test_mnist_absent_and_no_network_names_the_flag(tmp_path, capsys, monkeypatch):
@@ -1295,6 +1370,117 @@ def test_the_shipped_model_is_small_half_precision_conditional_and_samples_every
     out = str(tmp_path / "s.npz")
     assert cli(f"sample --sampler dpm --steps 5 --class all --out {out}") == 0
     assert np.load(out)["images"].shape == (100, 1, 32, 32)
+
+
+def reference_unet(sd, config, x, t, y):
+    """The U-Net as README and the UNet docstring describe it, written again with
+    torch.nn.functional straight from a state dict: the independent path the module is checked
+    against. GroupNorm has gcd(32, C // 4, C) groups, as ddpm.norm's docstring specifies."""
+
+    def groups(h):
+        return math.gcd(32, max(h.shape[1] // 4, 1), h.shape[1])
+
+    def linear(name, h):
+        return F.linear(h, sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    def conv(name, h, stride=1):
+        w = sd[f"{name}.weight"]
+        return F.conv2d(h, w, sd[f"{name}.bias"], stride, padding=w.shape[-1] // 2)
+
+    def silu_norm(name, h):  # SiLU(GroupNorm(h))
+        return F.silu(F.group_norm(h, groups(h), sd[f"{name}.weight"], sd[f"{name}.bias"]))
+
+    def res_block(name, h, emb):
+        out = conv(f"{name}.conv1", silu_norm(f"{name}.norm1", h))
+        out = out + linear(f"{name}.t_proj", emb)[:, :, None, None]
+        out = conv(f"{name}.conv2", silu_norm(f"{name}.norm2", out))
+        skip = conv(f"{name}.skip", h) if f"{name}.skip.weight" in sd else h
+        return skip + out
+
+    def attention(name, h):  # softmax(q k^T / sqrt(C)) v over the H * W positions, residual
+        B, C, H, W = h.shape
+        g = F.group_norm(h, groups(h), sd[f"{name}.norm.weight"], sd[f"{name}.norm.bias"])
+        q, k, v = conv(f"{name}.qkv", g).reshape(B, 3, C, H * W).unbind(1)  # each (B, C, HW)
+        a = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(C), dim=-1)  # (B, HW, HW)
+        return h + conv(f"{name}.proj", (v @ a.transpose(1, 2)).reshape(B, C, H, W))
+
+    ch, levels, n_res = config["ch"], len(config["ch_mult"]), config["n_res"]
+    half = ch // 2
+    angles = t.double()[:, None] * 10000 ** (-torch.arange(half, dtype=F64) / half)
+    emb = torch.cat([angles.sin(), angles.cos()], 1).float()
+    emb = linear("time_mlp.2", F.silu(linear("time_mlp.0", emb))) + sd["label_emb.weight"][y]
+    h = conv("conv_in", x)
+    skips = []
+    for i in range(levels):
+        for j in range(n_res):
+            h = res_block(f"down.{i}.{j}", h, emb)
+        skips.append(h)  # the level's last block's output, before it is halved
+        if i < levels - 1:
+            h = conv(f"downsample.{i}", h, stride=2)
+    h = res_block("mid2", attention("attn", res_block("mid1", h, emb)), emb)
+    for k in range(levels):  # the deepest level first, each taking its own level's skip
+        h = torch.cat([h, skips[levels - 1 - k]], 1)
+        for j in range(n_res):
+            h = res_block(f"up.{k}.{j}", h, emb)
+        if k < levels - 1:
+            h = conv(f"upsample.{k}.1", F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    return conv("conv_out", silu_norm("norm_out", h))
+
+
+def grid_cells(path, n):  # the n x n cells of a committed grid_image, as (n * n, 1, 32, 32) uint8
+    grid = torch.from_numpy(np.asarray(Image.open(path)).copy())
+    rows = [grid[2 + 34 * i : 34 + 34 * i] for i in range(n)]
+    return torch.stack([r[:, 2 + 34 * j : 34 + 34 * j] for r in rows for j in range(n)])[:, None]
+
+
+@pytest.mark.parametrize("config", ["shipped", "three channels, two levels, one block"])
+def test_the_unet_computes_the_architecture_it_describes(config):
+    """The module against reference_unet on the shipped weights and on a small random net: a
+    change to the computation that keeps every parameter name (a residual dropped, skips
+    concatenated in another order, another GroupNorm) fails here."""
+    if config == "shipped":
+        _, model = ddpm.load_checkpoint(ddpm.SHIPPED, torch.device("cpu"))
+        x = ddpm.to_model_range(grid_cells("samples/classes.png", 10)[::9])  # 12 digits
+    else:
+        torch.manual_seed(0)
+        model = ddpm.UNet(in_ch=3, ch=16, ch_mult=(1, 2), n_res=1, n_classes=4).eval()
+        x = torch.randn(5, 3, 8, 8, generator=gen(0))
+    B = len(x)
+    t = torch.randint(1, 1001, (B,), generator=gen(1))
+    y = torch.randint(0, model.config["n_classes"] + 1, (B,), generator=gen(2))
+    with torch.no_grad():
+        want = reference_unet(model.state_dict(), model.config, x, t, y)
+        got = model(x, t, y)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_the_shipped_weights_still_denoise_the_digits_they_drew():
+    """The shipped model's eps error on digits of its own class grid (samples/classes.png, three
+    a class, noised at t = 100, 300, ..., 900: a rough L_simple) is at the level of its training
+    loss (0.017 at the end of its run, README), far below the same net told a wrong t, or untrained.
+    Measured: 0.014; told t = 500 always 0.20; untrained 1.09."""
+    cells = grid_cells("samples/classes.png", 10)
+    x0 = ddpm.to_model_range(cells.reshape(10, 10, 1, 32, 32)[:, :3].flatten(0, 1))
+    y = torch.arange(30) // 3  # row k of the grid: digit k
+    ckpt, model = ddpm.load_checkpoint(ddpm.SHIPPED, torch.device("cpu"))
+    sched = ddpm.make_schedule("linear", 1000)
+
+    def l_simple(eps_model):
+        errors = []
+        g = gen(0)
+        for step in range(100, 1000, 200):
+            t = torch.full((30,), step)
+            eps = torch.randn(x0.shape, generator=g)
+            with torch.no_grad():
+                errors.append(F.mse_loss(eps_model(ddpm.q_sample(x0, t, eps, sched), t), eps))
+        return torch.stack(errors).mean().item()
+
+    shipped = l_simple(lambda xt, t: model(xt, t, y))
+    t_ignored = l_simple(lambda xt, t: model(xt, torch.full_like(t, 500), y))
+    torch.manual_seed(0)
+    untrained = ddpm.make_net([1, 32, 32], **ckpt["config"]["model"]).eval()
+    assert shipped < 0.03 and t_ignored > 5 * shipped
+    assert l_simple(lambda xt, t: untrained(xt, t, y)) > 0.5
 
 
 # -----------------------------------------------------------------------------
