@@ -5,11 +5,13 @@
     python ddpm.py sample --sampler ddim      # DDIM, 50 steps, the model in samples/: sample.png
     python ddpm.py sample                     # Algorithm 2, T = 1000 steps: ~4 minutes on 2 cores
     python ddpm.py train --epochs 30          # Algorithm 1 on MNIST (downloaded), writes ckpt.pt
+    python ddpm.py nll                        # the bound of eq. (5) in bits/dim, MNIST's test split
     python -m pytest                          # the tests: the code is the papers' math
 
-The papers' core comes first: the schedule and forward process, Algorithm 1, Algorithm 2, DDIM, the
-eps-network. Then what goes beyond them: DPM-Solver++(2M), classifier-free guidance, EMA. Then the
-machinery: data, files, device and precision, the training loop, the command line.
+The papers' core comes first: the schedule and forward process, Algorithm 1, the bound it
+simplifies, Algorithm 2, DDIM, the eps-network. Then what goes beyond them: DPM-Solver++(2M),
+classifier-free guidance, the bound at a few network calls, EMA. Then the machinery: data, files,
+device and precision, the training loop, the command line.
 Equation numbers are DDPM's unless marked "DDIM" or another paper.
 
 Time index, used everywhere: t = 1..T as in DDPM. Every schedule tensor has length T + 1 and index
@@ -148,6 +150,71 @@ def train_step(
     scaler.step(opt)  # line 5: the gradient step
     scaler.update()
     return loss.item()
+
+
+# --- The bound L of eq. (5), in nats per dimension: what L_simple simplifies ----------------------
+# -log p(x_0) <= L_T + sum_{t=2}^T L_{t-1} + L_0. With p_theta's mean from eq. (11), each L_{t-1} is
+# a KL between Gaussians: a weight times ||eps - eps_theta||^2 (eq. 12), plus, where sigma_t^2 is
+# not beta_tilde_t, a constant for the variances' mismatch. L_simple (Section 3.4) keeps the squared
+# error and drops the weight, sigma, the constants and L_0's bucket edges: eq. (14).
+def sigma2_choice(sched, sigma2):
+    """sigma_t^2 of Section 3.2: "beta" (beta_t) or "beta_tilde" (beta_tilde_t); under beta_tilde,
+    sigma_1^2 = beta_tilde_2, as Ho et al.'s code clips it: beta_tilde_1 = 0 would make L_0 a
+    decoder without noise, whose bucket probability is 0 or 1."""
+    if sigma2 == "beta":
+        return sched.beta
+    var = sched.beta_tilde.clone()
+    var[1] = var[2]
+    return var
+
+
+def normal_kl(mean1, var1, mean2, var2):  # KL(N(mean1, var1) || N(mean2, var2)) per dimension
+    return 0.5 * ((var2 / var1).log() + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+def bucket_probability(x0, mean, sigma):
+    """p_theta(x_0 | x_1) per dimension, eq. (13): N(mean, sigma^2) integrated over x_0's bucket,
+    x_0 +- 1/255 (x_0 one of the 256 pixel values, scaled to [-1, 1]); the first bucket reaches
+    down to -inf and the last up to +inf, so the 256 probabilities sum to 1. float64, and taken on
+    the side of the mean where the normal CDF is small, so a far bucket keeps its digits."""
+    x0, mean = x0.double(), mean.double()
+    upper = torch.where(x0 > 1 - 1 / 255, math.inf, x0 + 1 / 255)
+    lower = torch.where(x0 < -1 + 1 / 255, -math.inf, x0 - 1 / 255)
+    Phi = torch.special.ndtr
+    above = Phi((mean - lower) / sigma) - Phi((mean - upper) / sigma)  # for buckets above the mean
+    below = Phi((upper - mean) / sigma) - Phi((lower - mean) / sigma)
+    return torch.where(x0 > mean, above, below)
+
+
+def prior_kl(x0, sched):  # L_T = KL(q(x_T | x_0) || N(0, I)), eq. (4), in nats per dimension
+    alpha_bar = sched.alpha_bar[sched.T]
+    one = torch.ones((), dtype=torch.float64)
+    return normal_kl(alpha_bar.sqrt() * x0.double(), 1 - alpha_bar, 0 * one, one)
+
+
+SIGMA2 = ("beta_tilde", "beta")  # the two sigma_t^2 of Section 3.2, in this order
+
+
+def bound_term(eps_model, x0, t, sched, generator=None):
+    """Each image's term of eq. (5) at its own t, in nats per dimension, shaped (2, *x0.shape) for
+    the two sigma_t^2 of SIGMA2: L_{t-1} for t >= 2 and L_0 for t = 1, from one x_t ~ q(x_t | x_0);
+    and x0_hat, eq. (15). x0: images on the pixel grid, in [-1, 1]."""
+    eps = noise_like(x0, generator)
+    xt = q_sample(x0, t, eps, sched)
+    eps_theta = eps_model(xt, t).to(x0.dtype)
+    beta = gather(sched.beta, t, xt)
+    alpha_bar = gather(sched.alpha_bar, t, xt)
+    mean = (xt - beta / (1 - alpha_bar).sqrt() * eps_theta) / gather(sched.alpha, t, xt).sqrt()
+    q_mean, q_var = q_posterior(x0, xt, t, sched)  # eqs. (6)-(7)
+    first = (t == 1).view(-1, *[1] * (x0.dim() - 1))
+    terms = []
+    for sigma2 in SIGMA2:
+        var = gather(sigma2_choice(sched, sigma2), t, xt).double()
+        kl = normal_kl(q_mean.double(), q_var.double(), mean.double(), var)  # inf at t = 1: unused
+        p = bucket_probability(x0, mean, var.sqrt())  # L_0: at t = 1, mean is x0_hat
+        nll = -p.clamp(min=torch.finfo(p.dtype).tiny).log()  # 0 beyond ~38 sigma: not inf
+        terms.append(torch.where(first, nll, kl))
+    return torch.stack(terms), predict_x0(xt, t, eps_theta, sched)
 
 
 # --- Algorithm 2: sampling ------------------------------------------------------------------------
@@ -469,6 +536,86 @@ def draw_labels(label_freq, n, generator):
     return y[torch.randperm(n, generator=generator)]
 
 
+# --- The bound at a few network calls an image: importance sampling of t --------------------------
+# The full sum of eq. (5) costs T network calls an image. Its terms fall about as t^-1.3 (measured
+# on the shipped model, README), so k steps drawn from q(t) ~ t^-1.25, each term weighted by
+# 1 / (k q(t)), estimate sum_{t>=2} L_{t-1} without bias at k network calls, not T - 1: at k = 4
+# its own scatter is 0.05 bits/dim an image, where uniform draws of t scatter by 1.9.
+T_POWER = 1.25
+
+
+def rd_steps(T):  # where DDPM's Table 4 and Fig. 5 look: t = T, 0.9 T, ..., 0.1 T, and 1
+    return [T * (10 - i) // 10 for i in range(10)] + [1]
+
+
+def t_proposal(T):  # q(t) for t = 2..T; q[0] = q[1] = 0: L_0 is always computed
+    q = torch.zeros(T + 1, dtype=torch.float64)
+    q[2:] = torch.arange(2, T + 1, dtype=torch.float64) ** -T_POWER
+    return q / q.sum()
+
+
+def draw_steps(T, n, k, generator):
+    """(n, k) steps t and weights w for n images: systematic draws from t_proposal (the k points
+    (i + u) / k through its inverse CDF, one u an image), each t distributed as q, so that
+    sum_i w_i L_{t_i - 1} with w = 1 / (k q(t)) is unbiased. k = None: every t = 2..T, weight 1."""
+    if k is None:
+        return torch.arange(2, T + 1).repeat(n, 1), torch.ones(n, T - 1, dtype=torch.float64)
+    q = t_proposal(T)
+    device = getattr(generator, "device", None)
+    u = torch.rand(n, 1, generator=generator, dtype=torch.float64, device=device).cpu()
+    points = (torch.arange(k, dtype=torch.float64) + u) / k
+    t = torch.searchsorted(q.cumsum(0), points, right=True).clamp(2, T)
+    return t, 1 / (k * q[t])
+
+
+def of_rows(eps_model, i):  # eps_model(xt, t, i) as an eps-model of (xt, t), for the images i
+    return lambda xt, t: eps_model(xt, t, i)
+
+
+@torch.inference_mode()
+def bound_pass(eps_model, x0, sched, k=8, generator=None, chunk=256):
+    """One estimate of eq. (5) for each of the n images x0, in nats per dimension: L_T (n, ...);
+    sum_{t>=2} L_{t-1} and L_0, each (2, n, ...) for the two sigma_t^2 of SIGMA2; and the KL
+    received down to each t of rd_steps(T), sum_{s >= t} L_{s-1}, per image (2, n, 11).
+    k draws of t an image (k = None: the full sum), at most `chunk` images a network call.
+    eps_model(xt, t, i): i says which image of x0 each row of xt is."""
+    n = len(x0)
+    t, w = (a.to(x0.device) for a in draw_steps(sched.T, n, k, generator))
+    kl = torch.zeros(2, *x0.shape, dtype=torch.float64, device=x0.device)
+    steps = torch.tensor(rd_steps(sched.T), device=x0.device)
+    received = torch.zeros(2, n, len(steps), dtype=torch.float64, device=x0.device)
+    every = torch.arange(n, device=x0.device)
+    cols = max(1, chunk // n)  # draws of each image per call
+    for c in range(0, t.shape[1], cols):
+        tc = t[:, c : c + cols]  # (n, m)
+        m = tc.shape[1]
+        i = every.repeat_interleave(m)
+        terms, _ = bound_term(of_rows(eps_model, i), x0[i], tc.flatten(), sched, generator)
+        terms = terms.view(2, n, m, *x0.shape[1:]) * w[:, c : c + cols].view(
+            1, n, m, *[1] * (x0.dim() - 1)
+        )
+        kl += terms.sum(2)
+        after = (tc[..., None] >= steps).double()  # (n, m, 11): t_i counts for the steps below
+        received += torch.einsum("snm,nmr->snr", terms.flatten(3).sum(3), after)
+    first = torch.ones(n, dtype=torch.long, device=x0.device)
+    l0, _ = bound_term(of_rows(eps_model, every), x0, first, sched, generator)
+    return prior_kl(x0, sched), kl, l0, received
+
+
+@torch.inference_mode()
+def progressive_x0(eps_model, x0, sched, generator=None):
+    """x0_hat (eq. 15) from x_t ~ q(x_t | x_0) at each t of rd_steps(T), shaped (11, *x0.shape):
+    what a receiver of x_t reconstructs (DDPM Section 4.3, Fig. 6)."""
+    x0_hats = []
+    every = torch.arange(len(x0), device=x0.device)
+    for step in rd_steps(sched.T):
+        t = torch.full((len(x0),), step, device=x0.device)
+        xt = q_sample(x0, t, noise_like(x0, generator), sched)
+        eps_theta = of_rows(eps_model, every)(xt, t).to(x0.dtype)
+        x0_hats.append(predict_x0(xt, t, eps_theta, sched))
+    return torch.stack(x0_hats)
+
+
 # --- EMA: the weights' exponential moving average, which is what is sampled from ------------------
 class EMA:
     """decay min(decay, (1 + n) / (10 + n)) after n updates: a short run's average is not mostly the
@@ -535,9 +682,10 @@ DATASETS = {  # downloaded to --data-dir when absent
 }
 
 
-def load_data(dataset, data_dir, seed=0, image_size=32):
+def load_data(dataset, data_dir, seed=0, image_size=32, train=True):
     """((N, C, H, W) uint8 images, (N,) labels), or ((N, 2) points, None) for the swiss roll.
-    28 x 28 digits are padded to 32 x 32: resizing would blur the strokes."""
+    28 x 28 digits are padded to 32 x 32: resizing would blur the strokes. train=False: the test
+    split (mnist, fashion, cifar10)."""
     if dataset == "swissroll":
         return make_swissroll(100_000, torch.Generator().manual_seed(seed)), None
     # a folder, read as ImageFolder: class sub-folders, sorted, are labels
@@ -551,7 +699,7 @@ def load_data(dataset, data_dir, seed=0, image_size=32):
         images = torch.stack([read_image(f, image_size) for f, _ in folder.imgs])
         return images, torch.tensor(folder.targets)
     try:
-        ds = DATASETS[dataset](data_dir, train=True, download=True)
+        ds = DATASETS[dataset](data_dir, train=train, download=True)
     except Exception as e:  # torchvision raises RuntimeError or URLError when it cannot download
         raise UserError(
             f"{dataset} is not in {data_dir} and downloading it failed ({type(e).__name__}); "
@@ -616,24 +764,24 @@ def load_checkpoint(path, device):
 
 
 # images in [-1, 1]: a grid sqrt(N) wide; points: a 256 x 256 histogram of [-1.5, 1.5]^2
-def grid_image(x):
+def grid_image(x, nrow=None):
     if x.dim() == 2:
         ij = ((x.float().clamp(-1.5, 1.5) + 1.5) * 255 / 3).round().long().cpu()  # (N, 2) pixels
         hist = torch.zeros(256, 256).index_put_(
             (255 - ij[:, 1], ij[:, 0]), torch.ones(len(x)), True
         )
         return Image.fromarray(((hist == 0) * 255).to(torch.uint8).numpy())  # y grows upwards
-    nrow = math.ceil(math.sqrt(len(x)))
+    nrow = nrow or math.ceil(math.sqrt(len(x)))
     grid = torchvision.utils.make_grid(to_pixels(x).cpu(), nrow=nrow)  # (3, H, W)
     if x.shape[1] == 1:
         return Image.fromarray(grid[0].numpy())
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
 
-def save_samples(path, x, xs=None):  # .png grid; .npz uint8 "images" or float "points"; .gif: xs
+def save_samples(path, x, xs=None, nrow=None):  # .png grid; .npz uint8 or float; .gif: xs
     ext = os.path.splitext(path)[1].lower()
     if ext == ".png":
-        atomic_write(path, lambda f: grid_image(x).save(f, format="PNG"))
+        atomic_write(path, lambda f: grid_image(x, nrow).save(f, format="PNG"))
     elif ext == ".npz" and x.dim() == 2:
         atomic_write(path, lambda f: np.savez(f, points=x.cpu().numpy()))
     elif ext == ".npz":
@@ -758,8 +906,8 @@ class Progress:
         self.t0 = self.t_last = time.time()
         self.printed = False
 
-    def tick(self, *fields):  # one step done
-        self.k += 1
+    def tick(self, *fields, steps=1):  # `steps` more steps done
+        self.k += steps
         now = time.time()
         due = now - self.t_last >= (10 if self.printed else 2)
         if not (due or (self.printed and self.k == self.total)):
@@ -1069,6 +1217,143 @@ def sample(args):
     return 0
 
 
+def nll(args):
+    """The bound of eq. (5) in bits/dim on the test split of the checkpoint's data set: with each
+    image's own label (plus -log p(y)) on --n images; the "no label" branch, and Section 4.3's
+    rate and distortion, on the first --n-rd of them."""
+    device, precision = pick_device(args.device, args.precision)
+    ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)
+    run = ckpt["config"]["train"]
+    if run["dataset"] not in DATASETS:
+        raise UserError(
+            f"nll: the bound needs the test split of an 8-bit image data set (mnist, fashion, "
+            f"cifar10); this checkpoint was trained on {run['dataset']}"
+        )
+    if args.out and not args.out.lower().endswith(".png"):
+        raise UserError(
+            f"--out {args.out}: the picture of x0_hat along the reverse process is a .png"
+        )
+    if args.out:
+        check_writable(args.out)
+    data, labels = load_data(run["dataset"], args.data_dir, train=False)
+    n = args.n or len(data)
+    if n > len(data):
+        raise UserError(f"--n {n}: the {run['dataset']} test split has {len(data)} images")
+    n_rd = min(args.n_rd, n)
+    sched = make_schedule(run["schedule"], run["T"])
+    K = model.config["n_classes"]
+    branches = {"own label": labels, "no label": torch.full_like(labels, K)} if K else {}
+    branches = branches or {"unconditional": torch.zeros_like(labels)}
+    totals = {name: [] for name in branches}  # per batch: (2 regions, 2 sigma^2, 3 terms, B) nats
+    steps = rd_steps(sched.T)
+    rate = torch.zeros(2, len(steps), dtype=torch.float64)  # nats, summed over the first n_rd
+    squared_error = torch.zeros(len(steps), dtype=torch.float64)  # on 0..255, summed likewise
+    region = padded_region(run["dataset"], data.shape[1:])
+    # the progress line counts images through the network: k draws of t (T - 1 for --full) and L_0
+    per_image = (args.t_draws or sched.T - 1) + 1
+    progress = Progress(per_image * (n + (n_rd if K else 0)) + len(steps) * n_rd)
+    model = counted(model, progress)
+    t0 = time.time()
+    for b in range(0, n, args.batch_size):
+        x0 = to_model_range(data[b : min(b + args.batch_size, n)].to(device))
+        m = max(0, min(n_rd - b, len(x0)))  # how many of them are among the first n_rd
+        for name, y in branches.items():
+            x = x0[:m] if name == "no label" else x0
+            if not len(x):
+                continue
+            eps_model = labelled(model, y[b : b + len(x)].to(device))
+            # the same draws of t and eps in every branch: their difference is the labels'
+            gen = torch.Generator(device).manual_seed(hash((args.seed, b)))
+            with autocast(device, precision):
+                LT, kl, l0, received = bound_pass(eps_model, x, sched, args.t_draws, gen)
+            terms = torch.stack([LT[None].expand_as(kl), kl, l0], 1)  # (2 sigma^2, 3, B, C, H, W)
+            totals[name].append(torch.stack([terms.flatten(3).sum(3), terms[..., region].sum(3)]))
+            if name != list(branches)[0] or not m:
+                continue
+            rate += (received[:, :m] + LT[:m].flatten(1).sum(1)[None, :, None]).sum(1).cpu()
+            with autocast(device, precision):
+                x0_hats = progressive_x0(eps_model, x0[:m], sched, gen)
+            error = to_pixels(x0_hats).double() - to_pixels(x0[:m]).double()
+            squared_error += error.pow(2).flatten(1).sum(1).cpu()
+            if b == 0 and args.out:
+                grid = torch.cat([x0_hats[:, :8], x0[None, :8]]).transpose(0, 1).flatten(0, 1)
+                save_samples(args.out, grid, nrow=len(steps) + 1)
+    nats = {name: torch.cat(v, -1).cpu() for name, v in totals.items()}
+    log_p_y = torch.zeros(n, dtype=torch.float64)  # -log p(x) <= -log p(x | y) - log p(y)
+    if K:
+        log_p_y = torch.tensor(ckpt["config"]["label_freq"], dtype=torch.float64)[labels[:n]].log()
+    where = f"{n} {run['dataset']} test images, checkpoint {args.ckpt or 'shipped in samples/'}"
+    print(f"nll: {where} at step {ckpt['step']}, {args.t_draws or 'every'} t an image, {precision}")
+    report_bound(nats, -log_p_y, data[0].numel(), int(region.sum()), n_rd)
+    mse = squared_error / (n_rd * data[0].numel())
+    report_rate_distortion(steps, rate / n_rd, mse, data[0].numel())
+    print(f"{time.time() - t0:.0f}s")
+    return 0
+
+
+def counted(model, progress):  # the network, ticking `progress` by the images of each call
+    def model_counted(xt, t, y):
+        eps = model(xt, t, y)
+        progress.tick(steps=len(xt))
+        return eps
+
+    model_counted.config = model.config
+    return model_counted
+
+
+def labelled(model, y):  # eps_model(xt, t, i) of bound_pass: image i has label y[i]
+    return lambda xt, t, i: model(xt, t, y[i])
+
+
+def padded_region(dataset, shape):  # the pixels of the original image: 28 x 28 digits padded to 32
+    region = torch.ones(shape, dtype=torch.bool)
+    if dataset in ("mnist", "fashion"):
+        region[..., :2, :] = region[..., -2:, :] = False
+        region[..., :, :2] = region[..., :, -2:] = False
+    return region
+
+
+def report_bound(nats, minus_log_p_y, D, D_region, n_rd):
+    """Bits/dim and its standard error over images, split into L_T / sum L_{t-1} / L_0, for each
+    branch and sigma^2; then the same over the original pixels, when padding was added."""
+    for r, dims in enumerate([D, D_region]):
+        if r and dims == D:
+            return
+        print(
+            f"bits/dim over {dims} dimensions (eq. 5: L_T + sum L_t-1 + L_0; +- 1 standard error)"
+        )
+        for name, v in nats.items():
+            extra = minus_log_p_y if name == "own label" else 0 * minus_log_p_y
+            for s, sigma2 in enumerate(SIGMA2):
+                terms = v[r, s] / (dims * math.log(2))  # bits/dim: (3 terms, images)
+                total = terms.sum(0) + extra[: terms.shape[1]] / (dims * math.log(2))
+                se = total.std() / math.sqrt(len(total)) if len(total) > 1 else math.nan
+                split = " / ".join(f"{x:.4f}" for x in terms.mean(1).tolist())
+                label = f"{name}, first {n_rd}" if name == "no label" and len(nats) > 1 else name
+                line = f"  {label:18} sigma^2 = {sigma2:10} {total.mean():.4f} +- {se:.4f}"
+                if name == "own label":
+                    split += f" | -log p(y) {extra.mean() / (dims * math.log(2)):.4f}"
+                if name == "no label" and len(nats) > 1:  # the same images with their labels
+                    own = (
+                        nats["own label"][r, s, :, : len(total)].sum(0)
+                        + minus_log_p_y[: len(total)]
+                    )
+                    split += f" | own label on them {own.mean() / (dims * math.log(2)):.4f}"
+                print(f"{line} | L_T / sum L_t-1 / L_0 {split}")
+
+
+def report_rate_distortion(steps, rate, mse, D):
+    """DDPM Table 4: at step t a receiver holds x_t ~ q(x_t | x_0), for which it has paid the rate
+    L_T + sum_{s >= t} L_{s-1} (nats an image here), and reconstructs x0_hat (eq. 15): the
+    distortion is its RMSE on 0..255 (mse: per dimension)."""
+    print(
+        "rate and distortion (Section 4.3): t | rate, bits/dim, sigma^2 = beta_tilde, beta | RMSE"
+    )
+    for j, step in enumerate(steps):
+        bits = rate[:, j] / (D * math.log(2))
+        print(f"  {step:5d} | {bits[0]:.4f} {bits[1]:.4f} | {mse[j].sqrt():.2f}")
+
+
 def sampling_eps_model(args, ckpt, model, sched):
     """(eps-model, number of samples) for --class and --guidance: without --class, a conditional net
     draws y ~ p(y) and samples x | y, guided a little (UNCOND_W, UNCOND_T); with --class, x | y for
@@ -1127,8 +1412,20 @@ def make_parser():
         p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
         p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
         p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
+    nl = sub.add_parser(
+        "nll", help="the bound of eq. (5) in bits/dim on the test split", formatter_class=fmt
+    )
+    nl.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    nl.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="fp32",
+        help="fp32: bf16 raises the shipped model's bound by 0.04 bits/dim (README)",
+    )
+    nl.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     add_train_flags(tr)
     add_sample_flags(sa)
+    add_nll_flags(nl)
     return parser
 
 
@@ -1224,6 +1521,25 @@ def add_sample_flags(sa):
     )
 
 
+def add_nll_flags(nl):
+    nl.add_argument(
+        "--ckpt", help="checkpoint written by train; None: the model shipped in samples/"
+    )
+    nl.add_argument(
+        "--data-dir", default="./data", help="the test split is read, or downloaded, here"
+    )
+    nl.add_argument("--n", type=int, help="test images; None: the whole test split")
+    nl.add_argument(
+        "--n-rd", type=int, default=1000, help="images for 'no label', rate and distortion"
+    )
+    nl.add_argument("--t-draws", type=int, default=4, help="t drawn per image from q(t) ~ t^-1.25")
+    nl.add_argument(
+        "--full", dest="t_draws", action="store_const", const=None, help="every t: T calls an image"
+    )
+    nl.add_argument("--batch-size", type=int, default=64, help="test images per batch")
+    nl.add_argument("--out", help="a .png of x0_hat along the reverse process (Fig. 6)")
+
+
 # what every numeric flag accepts; flags a command does not have are skipped
 FLAG_RANGES = {
     "T": (lambda v: v >= 2, "at least 2"),
@@ -1239,6 +1555,8 @@ FLAG_RANGES = {
     "p_uncond": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "n": (lambda v: v >= 1, "at least 1"),
+    "n_rd": (lambda v: v >= 1, "at least 1"),
+    "t_draws": (lambda v: v >= 1, "at least 1"),
     "guidance": (math.isfinite, "a finite number"),
     "guidance_t": (lambda v: not any(map(math.isnan, v)), "numbers, not nan"),
 }
@@ -1257,6 +1575,8 @@ def main(argv=None):
         check_flags(args)
         if args.cmd == "train":
             return train(args)
+        if args.cmd == "nll":
+            return nll(args)
         return sample(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
