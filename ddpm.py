@@ -1281,7 +1281,8 @@ def nll(args):
     nats = {name: torch.cat(v, -1).cpu() for name, v in totals.items()}
     log_p_y = torch.zeros(n, dtype=torch.float64)  # -log p(x) <= -log p(x | y) - log p(y)
     if K:
-        log_p_y = torch.tensor(ckpt["config"]["label_freq"], dtype=torch.float64)[labels[:n]].log()
+        label_freq = ckpt["config"].get("label_freq", [1 / K] * K)  # older checkpoints: uniform
+        log_p_y = torch.tensor(label_freq, dtype=torch.float64)[labels[:n]].log()
     where = f"{n} {run['dataset']} test images, checkpoint {args.ckpt or 'shipped in samples/'}"
     print(f"nll: {where} at step {ckpt['step']}, {args.t_draws or 'every'} t an image, {precision}")
     report_bound(nats, -log_p_y, data[0].numel(), int(region.sum()), n_rd)

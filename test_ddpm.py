@@ -1589,6 +1589,18 @@ def test_nll_prints_the_bound_of_both_branches_the_original_pixels_and_rate_dist
     assert Image.open(out).size == (12 * 34 + 2, 8 * 34 + 2)  # 8 digits: 11 steps and the image
 
 
+def test_nll_of_an_unconditional_net_has_one_branch_and_no_label_term(tmp_path, capsys):
+    write_mnist(tmp_path)
+    ckpt = tmp_path / "plain.pt"
+    assert cli(f"train --data-dir {tmp_path} --no-cond --steps 2 --out {ckpt}", TINY) == 0
+    capsys.readouterr()
+    assert cli(f"nll --ckpt {ckpt} --data-dir {tmp_path} --n 10 --n-rd 4") == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    rows = [row for row in rows if "sigma^2 = beta" in row]  # not the rate-distortion rows
+    assert len(rows) == 4 and all(row.startswith("  unconditional") for row in rows)
+    assert not any("p(y)" in row for row in rows)
+
+
 def test_nll_on_points_is_one_line(roll, capsys):
     assert cli(f"nll --ckpt {roll[1]}") == 2
     err = capsys.readouterr().err
