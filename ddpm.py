@@ -233,9 +233,7 @@ def sample_ddpm(
     Line 4 is eq. (11); the route through x0_hat and the posterior mean, eq. (7), is the same."""
     x = initial_noise(shape, generator, x_T)  # line 1
     xs = [x]
-    sigma = sigma2_choice(
-        sched, sigma2
-    ).sqrt()  # sigma_1 is never used: line 3 adds no noise at t = 1
+    sigma = sigma2_choice(sched, sigma2).sqrt()  # sigma_1 unused: no noise at t = 1 (line 3)
     for step in range(sched.T, 0, -1):  # line 2
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         # line 3: no noise at the last step, otherwise every sample keeps sigma_1 * z of noise
