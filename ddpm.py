@@ -6,12 +6,14 @@
     python ddpm.py sample                     # Algorithm 2, T = 1000 steps: ~4 minutes on 2 cores
     python ddpm.py train --epochs 30          # Algorithm 1 on MNIST (downloaded), writes ckpt.pt
     python ddpm.py nll                        # the bound of eq. (5) in bits/dim, MNIST's test split
+    python ddpm.py reconstruct                # DDIM Section 5.4: test digits to x_T and back, MSE
+    python ddpm.py interpolate                # DDIM's slerp and DDPM Section 4.4's mix, one grid
     python -m pytest                          # the tests: the code is the papers' math
 
 The papers' core comes first: the schedule and forward process, Algorithm 1, the bound it
-simplifies, Algorithm 2, DDIM, the eps-network. Then what goes beyond them: DPM-Solver++(2M),
-classifier-free guidance, the bound at a few network calls, EMA. Then the machinery: data, files,
-device and precision, the training loop, the command line.
+simplifies, Algorithm 2, DDIM (sampling, encoding, interpolation), the eps-network. Then what goes
+beyond them: DPM-Solver++(2M), classifier-free guidance, the bound at a few network calls, EMA.
+Then the machinery: data, files, device and precision, the training loop, the command line.
 Equation numbers are DDPM's unless marked "DDIM" or another paper.
 
 Time index, used everywhere: t = 1..T as in DDPM. Every schedule tensor has length T + 1 and index
@@ -70,7 +72,12 @@ def make_schedule(kind, T):
         f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         beta = 1 - f[1:] / f[:-1]
     beta = beta.clamp(max=0.999)  # no single step may erase x entirely
-    beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])  # index 0: no noise
+    return schedule_of(beta)
+
+
+def schedule_of(beta):  # every constant from beta_1..beta_T; index 0 is prepended: no noise
+    beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])
+    T = len(beta) - 1
     alpha = 1 - beta
     alpha_bar = torch.cumprod(alpha, 0)
     beta_tilde = torch.zeros_like(beta)
@@ -164,7 +171,8 @@ def sigma2_choice(sched, sigma2):
     if sigma2 == "beta":
         return sched.beta
     var = sched.beta_tilde.clone()
-    var[1] = var[2]
+    if sched.T > 1:  # a one-step schedule (respaced to S = 1) has no beta_tilde_2
+        var[1] = var[2]
     return var
 
 
@@ -227,14 +235,22 @@ def initial_noise(shape, generator, x_T=None):
 
 @torch.inference_mode()
 def sample_ddpm(
-    eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_T=None, trajectory=False
+    eps_model,
+    sched,
+    shape,
+    generator=None,
+    sigma2="beta_tilde",
+    x_T=None,
+    trajectory=False,
+    t_start=None,
 ):
     """Algorithm 2 as printed. sigma2 = "beta_tilde" or "beta", the two sigma_t^2 of Section 3.2.
-    Line 4 is eq. (11); the route through x0_hat and the posterior mean, eq. (7), is the same."""
+    Line 4 is eq. (11); the route through x0_hat and the posterior mean, eq. (7), is the same.
+    With t_start, x_T is an x_t at t = t_start: the reverse process starts there (Section 4.4)."""
     x = initial_noise(shape, generator, x_T)  # line 1
     xs = [x]
     sigma = sigma2_choice(sched, sigma2).sqrt()  # sigma_1 unused: no noise at t = 1 (line 3)
-    for step in range(sched.T, 0, -1):  # line 2
+    for step in range(t_start or sched.T, 0, -1):  # line 2
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         # line 3: no noise at the last step, otherwise every sample keeps sigma_1 * z of noise
         z = noise_like(x, generator) if step > 1 else 0
@@ -298,6 +314,62 @@ def sample_ddim(
         x = alpha_bar_next.sqrt() * x0_hat + direction * eps + sigma * z
         xs.append(x)
     return (x, xs) if trajectory else x
+
+
+def respaced(sched, steps, eps_model):
+    """The sub-sequence tau of ddim_timesteps as a schedule of its own, with S = steps steps:
+    alpha_bar'_i = alpha_bar[tau_i], so beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}; and the
+    eps-model of its step i, asked at t = tau_i. Algorithm 2 on it with sigma^2 = beta' is DDIM
+    Table 1's sigma_hat row; with sigma^2 = beta_tilde' it is DDIM at eta = 1."""
+    tau = torch.tensor([0] + ddim_timesteps(sched.T, steps)[::-1])
+    alpha_bar = sched.alpha_bar[tau]
+    sub = schedule_of(1 - alpha_bar[1:] / alpha_bar[:-1])
+    return sub, lambda xt, i: eps_model(xt, tau.to(i.device)[i])
+
+
+@torch.inference_mode()
+def ddim_encode(eps_model, sched, x0, steps=50, refine=0):
+    """DDIM Section 5.4: eq. (12) at eta = 0 run upwards, from x_0 to x_T on sample_ddim's steps,
+    so that sample_ddim(eps_model, sched, x0.shape, steps, x_T=x_T) decodes x_T to x_0 again.
+    Eq. (12) at eta = 0 is an Euler step of DDIM's ODE, eq. (14): decoding t -> s takes eps at the
+    step's start, eps(x_t, t). Encoding s -> t is the Euler step the other way, from eps(x_s, s),
+    so it undoes its decoding step only up to O((t - s)^2). refine > 0, beyond the paper: that many
+    fixed-point iterations x_t <- step(x_s, eps(x_t, t)), whose fixed point is the decoding step's
+    exact inverse. No clip_x0: clipping x0_hat is not invertible."""
+    x = x0
+    taus = ddim_timesteps(sched.T, steps)[::-1]  # 1, ..., T: sample_ddim's steps, upwards
+    for step_prev, step in zip([0] + taus[:-1], taus):
+        t_prev = torch.full((x.shape[0],), step_prev, device=x.device, dtype=torch.long)
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        alpha_bar = sched.alpha_bar[step]
+        x_t, t_eps = x, t_prev.clamp(min=1)  # the paper: eps at the start; x_0 is read at t = 1
+        for _ in range(1 + refine):
+            eps = eps_model(x_t, t_eps).to(x.dtype)
+            x0_hat = predict_x0(x, t_prev, eps, sched)  # the x0_hat decoding x_t would give
+            x_t = alpha_bar.sqrt() * x0_hat + (1 - alpha_bar).sqrt() * eps  # eq. (12), t_next = t
+            t_eps = t  # refining: eps at the step's end, where decoding takes it
+        x = x_t
+    return x
+
+
+def slerp(z0, z1, lam):
+    """Spherical interpolation of two latents (DDIM Section 5.3, Appendix D.5), per sample:
+    sin((1 - lam) theta) / sin(theta) z0 + sin(lam theta) / sin(theta) z1, theta their angle."""
+    a, b = z0.flatten(1).double(), z1.flatten(1).double()
+    cos_theta = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    theta = torch.arccos(cos_theta).clamp(min=1e-8)[:, None]  # z0 = z1: the limit, lerp
+    z = (torch.sin((1 - lam) * theta) * a + torch.sin(lam * theta) * b) / torch.sin(theta)
+    return z.to(z0.dtype).reshape(z0.shape)
+
+
+def ddpm_mix(eps_model, sched, x0, x0_prime, lam, t, eps, generator=None):
+    """DDPM Section 4.4: q as a stochastic encoder, both images to step t with the same noise eps,
+    mixed linearly, x_t_bar = (1 - lam) x_t + lam x_t', and decoded by the reverse process."""
+    t_batch = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+    x_t = q_sample(x0, t_batch, eps, sched)
+    x_t_prime = q_sample(x0_prime, t_batch, eps, sched)
+    x_t_bar = (1 - lam) * x_t + lam * x_t_prime
+    return sample_ddpm(eps_model, sched, x0.shape, generator, x_T=x_t_bar, t_start=t)
 
 
 # --- The eps-network ------------------------------------------------------------------------------
@@ -1181,21 +1253,23 @@ def sample(args):
         args.steps
         or {"ddpm": sched.T, "ddim": min(50, sched.T), "dpm": min(20, sched.T)}[args.sampler]
     )
-    if steps > sched.T or (args.sampler == "ddpm" and steps != sched.T):
-        raise UserError(
-            f"--steps {steps}: DDIM and DPM-Solver take 1..T = 1..{sched.T}; DDPM always takes T"
-        )
+    if steps > sched.T:
+        raise UserError(f"--steps {steps}: the samplers take 1..T = 1..{sched.T} steps")
+    if args.sigma2 != "beta_tilde" and args.sampler != "ddpm":
+        raise UserError(f"--sigma2 {args.sigma2}: Algorithm 2's choice; DDIM's is --eta")
     eps_model, args.n = sampling_eps_model(args, ckpt, model, sched)
     shape = (args.n, *ckpt["config"]["data_shape"])
     if args.clip and len(shape) > 2:  # images lie in [-1, 1]; points do not
         eps_model = clip_x0(eps_model, sched)
+    if args.sampler == "ddpm" and steps < sched.T:  # Algorithm 2 on DDIM's sub-sequence
+        sched, eps_model = respaced(sched, steps, eps_model)
     eps_model = with_progress(eps_model, steps)  # each sampler makes `steps` calls
     gen = torch.Generator(device).manual_seed(args.seed)
     gif = args.out.lower().endswith(".gif")
     t0 = time.time()
     with autocast(device, precision):
         if args.sampler == "ddpm":
-            out = sample_ddpm(eps_model, sched, shape, gen, trajectory=gif)
+            out = sample_ddpm(eps_model, sched, shape, gen, args.sigma2, trajectory=gif)
         elif args.sampler == "ddim":
             out = sample_ddim(eps_model, sched, shape, steps, args.eta, gen, trajectory=gif)
         else:
@@ -1224,11 +1298,7 @@ def nll(args):
     device, precision = pick_device(args.device, args.precision)
     ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)
     run = ckpt["config"]["train"]
-    if run["dataset"] not in DATASETS:
-        raise UserError(
-            f"nll: the bound needs the test split of an 8-bit image data set (mnist, fashion, "
-            f"cifar10); this checkpoint was trained on {run['dataset']}"
-        )
+    check_test_split(run, "nll: the bound")
     if args.out and not args.out.lower().endswith(".png"):
         raise UserError(
             f"--out {args.out}: the picture of x0_hat along the reverse process is a .png"
@@ -1292,6 +1362,168 @@ def nll(args):
     return 0
 
 
+def check_test_split(run, what):
+    if run["dataset"] not in DATASETS:
+        raise UserError(
+            f"{what} needs the test split of an 8-bit image data set (mnist, fashion, cifar10); "
+            f"this checkpoint was trained on {run['dataset']}"
+        )
+
+
+def check_steps(steps, T):
+    if max(steps) > T:
+        raise UserError(f"--steps {max(steps)}: DDIM takes 1..T = 1..{T} steps")
+
+
+def reconstruct(args):
+    """DDIM Section 5.4, Table 2: the first --n test images encoded to x_T (ddim_encode) and
+    decoded (sample_ddim, eta = 0) at each of --steps, for each --refine; a conditional net is told
+    each image's own label, the same y both ways. Prints the per-dimension MSE on [0, 1]."""
+    device, precision = pick_device(args.device, args.precision)
+    ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)
+    run = ckpt["config"]["train"]
+    check_test_split(run, "reconstruct")
+    sched = make_schedule(run["schedule"], run["T"])
+    check_steps(args.steps, sched.T)
+    if args.out and not args.out.lower().endswith(".png"):
+        raise UserError(f"--out {args.out}: the picture of the reconstructions is a .png")
+    if args.out:
+        check_writable(args.out)
+    data, labels = load_data(run["dataset"], args.data_dir, train=False)
+    if args.n > len(data):
+        raise UserError(f"--n {args.n}: the {run['dataset']} test split has {len(data)} images")
+    runs = [(steps, refine) for steps in args.steps for refine in args.refine]
+    calls = [steps * (2 + refine) for steps, refine in runs]  # encode 1 + refine a step, decode 1
+    progress = Progress(args.n * sum(calls))
+    model = counted(model, progress)
+    mse = {r: [] for r in runs}  # per image
+    x_T_std = {r: [] for r in runs}
+    shown = [to_model_range(data[:8].to(device))]  # the first 8 images, then their reconstructions
+    t0 = time.time()
+    for b in range(0, args.n, args.batch_size):
+        x0 = to_model_range(data[b : min(b + args.batch_size, args.n)].to(device))
+        y = labels[b : b + len(x0)].to(device) if model.config["n_classes"] else 0
+        eps_model = told(model, y)  # the same y to encode and to decode
+        for steps, refine in runs:
+            with autocast(device, precision):
+                x_T = ddim_encode(eps_model, sched, x0, steps, refine)
+                x0_back = sample_ddim(eps_model, sched, x0.shape, steps, x_T=x_T)
+            error = (x0_back.double() - x0.double()) / 2  # on [0, 1]
+            mse[(steps, refine)].append(error.pow(2).flatten(1).mean(1).cpu())
+            x_T_std[(steps, refine)].append(x_T.double().flatten(1).std(1).cpu())
+            if b == 0:
+                shown.append(x0_back[:8])
+    where = (
+        f"{args.n} {run['dataset']} test images, checkpoint {args.ckpt or 'shipped in samples/'}"
+    )
+    label = ", own label both ways" if model.config["n_classes"] else ""
+    print(f"reconstruct: {where} at step {ckpt['step']}{label}, {precision}")
+    print("  steps | refine | MSE per dim on [0, 1] +- 1 SE | std of x_T | network calls an image")
+    for r, c in zip(runs, calls):
+        e = torch.cat(mse[r])
+        se = e.std() / math.sqrt(len(e)) if len(e) > 1 else math.nan
+        std = torch.cat(x_T_std[r]).mean()
+        print(f"  {r[0]:5d} | {r[1]:6d} | {e.mean():.2e} +- {se:.1e} | {std:.3f} | {c}")
+    if args.out:
+        save_samples(args.out, torch.cat(shown).float(), nrow=len(shown[0]))
+        print(f"wrote {args.out}: the first {len(shown[0])} images, then a row a line above")
+    print(f"{time.time() - t0:.0f}s")
+    return 0
+
+
+def interpolate(args):
+    """One grid, columns lam = 0..1: the --pair of images encoded by ddim_encode and slerped
+    (DDIM Section 5.3); --rows pairs of random x_T slerped; the pair mixed at each of --t-mix and
+    decoded by Algorithm 2 (DDPM Section 4.4). Pair rows have the images at both ends and use the
+    "no label" branch of a conditional net (two digits have no one label); a random row draws one
+    label and is guided as `sample` is."""
+    device, precision = pick_device(args.device, args.precision)
+    ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)
+    run = ckpt["config"]["train"]
+    shape = tuple(ckpt["config"]["data_shape"])
+    if len(shape) != 3:
+        raise UserError("interpolate: the checkpoint is not an image model")
+    sched = make_schedule(run["schedule"], run["T"])
+    steps = args.steps or min(50, sched.T)
+    check_steps([steps], sched.T)
+    if len(args.pair) != 2:
+        raise UserError(f"--pair {','.join(args.pair)}: two test indices or .png files, I,J")
+    t_mix = args.t_mix or [sched.T // 4, sched.T // 2, 3 * sched.T // 4]
+    if max(t_mix) > sched.T:
+        raise UserError(f"--t-mix {max(t_mix)}: DDPM Section 4.4 mixes at t in 1..{sched.T}")
+    if not args.out.lower().endswith(".png"):
+        raise UserError(f"--out {args.out}: the interpolation grid is a .png")
+    check_writable(args.out)
+    x0 = torch.stack([pair_image(s, run, shape, args.data_dir) for s in args.pair]).to(device)
+    K = model.config["n_classes"]
+    no_label = told(model, K)
+    lam = torch.linspace(0, 1, args.lambdas, dtype=torch.float64)[:, None]
+    L = args.lambdas
+    gen = torch.Generator(device).manual_seed(args.seed)
+    t0 = time.time()
+    with autocast(device, precision):
+        x_T = ddim_encode(no_label, sched, x0, steps, args.refine)
+        z = slerp(x_T[:1].expand(L, *shape), x_T[1:].expand(L, *shape), lam)
+        rows = [sample_ddim(no_label, sched, z.shape, steps, x_T=z)]
+        for t in t_mix:  # the same eps for both images, the same z for every lam
+            eps = torch.randn(1, *shape, generator=gen, device=device)
+            seed = int(torch.randint(2**62, (1,), generator=gen, device=device))
+            mixes = []
+            for j in range(L):
+                gen_t = torch.Generator(device).manual_seed(seed)
+                mix = ddpm_mix(no_label, sched, x0[:1], x0[1:], lam[j].item(), t, eps, gen_t)
+                mixes.append(mix)
+            rows.append(torch.cat(mixes))
+        if args.rows:
+            z0 = torch.randn(args.rows, *shape, generator=gen, device=device)
+            z1 = torch.randn(args.rows, *shape, generator=gen, device=device)
+            z = slerp(
+                z0.repeat_interleave(L, 0), z1.repeat_interleave(L, 0), lam.repeat(args.rows, 1)
+            )
+            eps_model = model
+            if K:
+                label_freq = ckpt["config"].get("label_freq", [1 / K] * K)
+                y = draw_labels(label_freq, args.rows, torch.Generator().manual_seed(args.seed))
+                t_lo, t_hi = [f * sched.T for f in UNCOND_T]
+                eps_model = guided(model, y.repeat_interleave(L).to(device), UNCOND_W, t_lo, t_hi)
+            x = sample_ddim(eps_model, sched, z.shape, steps, x_T=z)
+            rows += list(x.float().split(L))
+    blank = -torch.ones(1, *shape, device=device)  # black
+    grid = []
+    for i, row in enumerate(rows):
+        ends = (x0[:1], x0[1:]) if i <= len(t_mix) else (blank, blank)
+        grid += [ends[0], row.float(), ends[1]]
+    save_samples(args.out, torch.cat(grid), nrow=L + 2)
+    print(
+        f"wrote {args.out}: lam = 0..1 in {L} columns; rows: the pair by DDIM ({steps} steps, "
+        f"refine {args.refine}), DDPM's mix at t = {', '.join(map(str, t_mix)) or '-'}, "
+        f"{args.rows} random pairs; {time.time() - t0:.0f}s, {precision}"
+    )
+    return 0
+
+
+def pair_image(s, run, shape, data_dir):  # --pair: a test index, or a .png of the model's shape
+    if s.isdigit():
+        check_test_split(run, f"--pair {s}: a test index")
+        data, _ = load_data(run["dataset"], data_dir, train=False)
+        if int(s) >= len(data):
+            raise UserError(f"--pair {s}: the {run['dataset']} test split has {len(data)} images")
+        return to_model_range(data[int(s)])
+    try:
+        image = Image.open(s).convert("L" if shape[0] == 1 else "RGB")
+    except OSError as e:
+        raise UserError(f"--pair {s}: neither a test index nor a readable image ({e})") from None
+    x = torchvision.transforms.functional.pil_to_tensor(image)
+    if x.shape[1:] == (28, 28) and run["dataset"] in ("mnist", "fashion"):
+        x = F.pad(x, (2, 2, 2, 2))  # as load_data pads the digits
+    if tuple(x.shape) != shape:
+        raise UserError(
+            f"--pair {s}: a {x.shape[2]} x {x.shape[1]} image with {x.shape[0]} channel(s); "
+            f"the model takes {shape[2]} x {shape[1]} with {shape[0]}"
+        )
+    return to_model_range(x)
+
+
 def counted(model, progress):  # the network, ticking `progress` by the images of each call
     def model_counted(xt, t, y):
         eps = model(xt, t, y)
@@ -1300,6 +1532,10 @@ def counted(model, progress):  # the network, ticking `progress` by the images o
 
     model_counted.config = model.config
     return model_counted
+
+
+def told(model, y):  # eps_model(xt, t) of a net told labels y; K = n_classes: "no label"
+    return lambda xt, t: model(xt, t, y if torch.is_tensor(y) else torch.full_like(t, y))
 
 
 def labelled(model, y):  # eps_model(xt, t, i) of bound_pass: image i has label y[i]
@@ -1424,9 +1660,31 @@ def make_parser():
         help="fp32: bf16 raises the shipped model's bound by 0.04 bits/dim (README)",
     )
     nl.add_argument("--seed", type=int, default=0, help="fixes every random draw")
+    rec = sub.add_parser(
+        "reconstruct", help="DDIM: encode test images to x_T, decode, the MSE", formatter_class=fmt
+    )
+    ip = sub.add_parser(
+        "interpolate", help="DDIM's and DDPM's interpolations, as a grid", formatter_class=fmt
+    )
+    for p in (rec, ip):
+        p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+        p.add_argument(
+            "--precision",
+            choices=["auto", "fp32", "bf16", "fp16"],
+            default="fp32",
+            help="fp32: encoding in bf16 adds its rounding to the MSE (samples/README.md)",
+        )
+        p.add_argument(
+            "--ckpt", help="checkpoint written by train; None: the model shipped in samples/"
+        )
+        p.add_argument(
+            "--data-dir", default="./data", help="the test split is read, or downloaded, here"
+        )
     add_train_flags(tr)
     add_sample_flags(sa)
     add_nll_flags(nl)
+    add_reconstruct_flags(rec)
+    add_interpolate_flags(ip)
     return parser
 
 
@@ -1487,10 +1745,19 @@ def add_sample_flags(sa):
         "--sampler", choices=["ddpm", "ddim", "dpm"], default="ddpm", help="dpm: DPM-Solver++"
     )
     sa.add_argument(
-        "--steps", type=int, help="network calls; None: T for ddpm, 50 for ddim, 20 for dpm"
+        "--steps",
+        type=int,
+        help="network calls; None: T for ddpm, 50 for ddim, 20 for dpm; ddpm with S < T: "
+        "Algorithm 2 on DDIM's sub-sequence of S steps",
     )
     sa.add_argument(
         "--eta", type=float, default=0.0, help="DDIM eq. (16): 0 deterministic, 1 DDPM-like"
+    )
+    sa.add_argument(
+        "--sigma2",
+        choices=SIGMA2,
+        default="beta_tilde",
+        help="Algorithm 2's sigma_t^2 (Section 3.2); beta with --steps: DDIM's sigma_hat",
     )
     sa.add_argument("--n", type=int, default=64, help="number of samples")
     sa.add_argument(
@@ -1541,11 +1808,50 @@ def add_nll_flags(nl):
     nl.add_argument("--out", help="a .png of x0_hat along the reverse process (Fig. 6)")
 
 
-# what every numeric flag accepts; flags a command does not have are skipped
+def add_reconstruct_flags(rec):
+    rec.add_argument("--n", type=int, default=100, help="the first n test images")
+    rec.add_argument(
+        "--steps",
+        type=comma_ints,
+        default=[10, 20, 50, 100],
+        help="DDIM steps S, a row each (DDIM Table 2 adds 200, 500, 1000)",
+    )
+    rec.add_argument(
+        "--refine",
+        type=comma_ints,
+        default=[0, 2],
+        help="fixed-point iterations an encoding step, a row each; 0: the paper's encoder",
+    )
+    rec.add_argument("--batch-size", type=int, default=250, help="test images per batch")
+    rec.add_argument("--out", help="a .png of the first 8 images and their reconstructions")
+
+
+def add_interpolate_flags(ip):
+    ip.add_argument(
+        "--pair",
+        type=lambda s: s.split(","),
+        default=["0", "1"],
+        metavar="I,J",
+        help="two test-split indices or .png files",
+    )
+    ip.add_argument("--lambdas", type=int, default=9, help="columns, lam = 0..1")
+    ip.add_argument("--steps", type=int, help="DDIM steps to encode and decode; None: 50")
+    ip.add_argument("--refine", type=int, default=0, help="fixed-point iterations a step")
+    ip.add_argument(
+        "--t-mix",
+        type=comma_ints,
+        help="DDPM Section 4.4: a row of the pair mixed at each t; None: T/4, T/2, 3T/4",
+    )
+    ip.add_argument("--rows", type=int, default=2, help="rows between two random x_T")
+    ip.add_argument("--seed", type=int, default=0, help="fixes every random draw")
+    ip.add_argument("--out", default="interpolate.png", help="the grid, a .png")
+
+
+# what every numeric flag accepts, each value of a list; flags a command does not have are skipped
 FLAG_RANGES = {
     "T": (lambda v: v >= 2, "at least 2"),
     "ch": (lambda v: v >= 1, "at least 1"),
-    "ch_mult": (lambda v: min(v) >= 1, "positive integers, e.g. 1,2,2"),
+    "ch_mult": (lambda v: v >= 1, "positive integers, e.g. 1,2,2"),
     "n_res": (lambda v: v >= 1, "at least 1"),
     "epochs": (lambda v: v >= 1, "at least 1"),
     "steps": (lambda v: v >= 1, "at least 1"),
@@ -1559,15 +1865,21 @@ FLAG_RANGES = {
     "n_rd": (lambda v: v >= 1, "at least 1"),
     "t_draws": (lambda v: v >= 1, "at least 1"),
     "guidance": (math.isfinite, "a finite number"),
-    "guidance_t": (lambda v: not any(map(math.isnan, v)), "numbers, not nan"),
+    "guidance_t": (lambda v: not math.isnan(v), "numbers, not nan"),
+    "refine": (lambda v: v >= 0, "at least 0"),
+    "lambdas": (lambda v: v >= 2, "at least 2"),
+    "t_mix": (lambda v: v >= 1, "at least 1"),
+    "rows": (lambda v: v >= 0, "at least 0"),
 }
 
 
 def check_flags(args):
     for name, (ok, accepted) in FLAG_RANGES.items():
         value = getattr(args, name, None)
-        if value is not None and not ok(value):
-            raise UserError(f"--{name.replace('_', '-')} must be {accepted} (got {value})")
+        values = value if isinstance(value, list) else [value]
+        if value is not None and not all(map(ok, values)):
+            shown = ",".join(f"{v:g}" for v in values)
+            raise UserError(f"--{name.replace('_', '-')} must be {accepted} (got {shown})")
 
 
 def main(argv=None):
@@ -1578,6 +1890,10 @@ def main(argv=None):
             return train(args)
         if args.cmd == "nll":
             return nll(args)
+        if args.cmd == "reconstruct":
+            return reconstruct(args)
+        if args.cmd == "interpolate":
+            return interpolate(args)
         return sample(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

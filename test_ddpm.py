@@ -801,6 +801,7 @@ def bad_checkpoints(d, ckpt):
     torch.save({k: state[k] for k in ("config", "ema", "step")}, d / "ema_only.pt")
     state["config"]["model"]["ch"] = 16  # claims another architecture than its weights
     torch.save(state, d / "other_arch.pt")
+    Image.new("L", (20, 20)).save(d / "small.png")
 
 
 @pytest.mark.parametrize(
@@ -814,7 +815,23 @@ def bad_checkpoints(d, ckpt):
         ),
         (["sample", "--sampler", "ddim", "--steps", "0"], "--steps must be at least 1"),
         (["sample", "--sampler", "ddim", "--steps", "21"], "--steps 21"),
-        (["sample", "--sampler", "ddpm", "--steps", "5"], "always takes T"),
+        (["sample", "--sampler", "ddim", "--sigma2", "beta"], "DDIM's is --eta"),
+        (
+            ["reconstruct", "--data-dir", "{d}", "--n", "49", "--steps", "5"],
+            "--n 49: the mnist test",
+        ),
+        (["reconstruct", "--steps", "10,21"], "--steps 21: DDIM takes 1..T = 1..20"),
+        (["reconstruct", "--refine", "0,-1"], "--refine must be at least 0 (got 0,-1)"),
+        (["reconstruct", "--steps", "5", "--out", "{d}/keep.jpg"], "is a .png"),
+        (["interpolate", "--data-dir", "{d}", "--pair", "0,48"], "--pair 48: the mnist test"),
+        (
+            ["interpolate", "--pair", "{d}/small.png,0"],
+            "20 x 20 image with 1 channel(s); the model",
+        ),
+        (["interpolate", "--pair", "{d}/corrupt.pt,0"], "neither a test index nor a readable"),
+        (["interpolate", "--pair", "0"], "two test indices or .png files"),
+        (["interpolate", "--lambdas", "1"], "--lambdas must be at least 2"),
+        (["interpolate", "--t-mix", "10,21"], "--t-mix 21: DDPM Section 4.4 mixes at t in 1..20"),
         (["sample", "--eta", "-0.5"], "--eta -0.5: DDIM's eta"),
         (["sample", "--eta", "1.5"], "--eta 1.5: DDIM's eta"),
         (["sample", "--sampler", "dpm", "--eta", "0.5"], "DPM-Solver++(2M) takes none"),
@@ -868,7 +885,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(trained, capsys, args, mes
     bad_checkpoints(d, ckpt)
     (d / "keep.png").write_bytes(b"precious")
     args = [a.format(d=d) for a in args]
-    if args[0] == "sample":
+    if args[0] in ("sample", "reconstruct", "interpolate"):
         args += ["--ckpt", ckpt] if "--ckpt" not in args else []
         args += ["--out", str(d / "keep.png")] if "--out" not in args else []
     assert ddpm.main(args) == 2
@@ -1086,6 +1103,136 @@ def test_samples_land_on_the_data_points_with_their_frequencies(sampler, kind):
     assert dist.max() < 1e-6
     share = torch.bincount(nearest, minlength=3) / N
     assert (share - WEIGHTS).abs().lt(5 * (WEIGHTS * (1 - WEIGHTS) / N).sqrt()).all()
+
+
+# -----------------------------------------------------------------------------
+# DDIM the other way: encoding (Section 5.4), interpolation (5.3), DDPM's Section 4.4, respacing
+
+
+@settings(deadline=None, max_examples=30)
+@given(kind=kinds, T=st.integers(2, 1000), data=st.data())
+@example(kind="linear", T=1000, data=None)
+def test_encoding_a_point_mass_with_its_true_noise_decodes_to_it_exactly(kind, T, data):
+    """With the exact eps of one point, every DDIM step, either way, moves along the same line
+    x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps: the paper's encoder is then the decoder's exact inverse
+    at every step count, and x_T is a point of that line, far from x_0."""
+    s, g = ddpm.make_schedule(kind, T), torch.Generator().manual_seed(T)
+    steps = data.draw(st.integers(1, T)) if data else 50
+    x0 = torch.randn(3, 2, 4, generator=g, dtype=F64) * 2
+    x_T = ddpm.ddim_encode(oracle_eps(x0, s), s, x0, steps)
+    back = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, steps, x_T=x_T)
+    atol = 1e-12 / s.alpha_bar[ddpm.ddim_timesteps(T, steps)[-1]].sqrt().item()
+    assert torch.allclose(back, x0, atol=atol, rtol=0) and not torch.allclose(x_T, x0, atol=0.1)
+
+
+def test_refined_encoding_inverts_ddim_on_gaussian_data_and_the_papers_does_not():
+    """For N(0.5, 0.3^2) data, eps* is linear in x_t but not constant, so the paper's encoder
+    (eps taken at x_s) misses by the steps' curvature. The fixed-point iterations converge to the
+    decoder's exact inverse at every S: each shrinks the error by |c deps/dx| = 0.60 at most here
+    (S = 10). Measured (RMS error): S = 10: 0.17 with the paper's encoder, 1e-2 after 5 iterations,
+    9e-15 after 60; S = 100: 0.02, 1e-8, 4e-16. Not under the cosine schedule: its alpha_bar_T =
+    2e-9 makes that factor 1.00 at the last step, and the iterations stall (8e-4 at S = 10)."""
+    s, N = ddpm.make_schedule("linear", 1000), 2000
+    x0 = 0.5 + 0.3 * torch.randn(N, 1, generator=gen(0), dtype=F64)
+    eps = gaussian_eps(0.5, 0.3, s)
+    for steps in (10, 20, 50, 100):
+        error = []
+        for refine in (0, 2, 5, 60):
+            x_T = ddpm.ddim_encode(eps, s, x0, steps, refine)
+            back = ddpm.sample_ddim(eps, s, x0.shape, steps, x_T=x_T)
+            error.append((back - x0).pow(2).mean().sqrt().item())
+        assert error[0] > 1e-3 and all(a > b for a, b in zip(error, error[1:3])), error
+        assert error[-1] < 1e-12, (steps, error)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_the_encoder_maps_gaussian_data_to_a_standard_normal_x_T(kind):
+    """At S = T the encoder is DDIM's ODE run forwards: N(0.5, 0.3^2) goes to N(0, 1), up to 5
+    standard errors at this n plus the discretisation (measured +1.3% / +1.7% of the variance,
+    linear / cosine; 3% allowed)."""
+    s, N = ddpm.make_schedule(kind, 1000), 20_000
+    x0 = 0.5 + 0.3 * torch.randn(N, 1, generator=gen(0), dtype=F64)
+    x_T = ddpm.ddim_encode(gaussian_eps(0.5, 0.3, s), s, x0, 1000)
+    assert moments_ok(x_T, 0.0, 1.0, 0.03)
+
+
+@settings(deadline=None, max_examples=50)
+@given(seed=st.integers(0, 10_000), lam=st.floats(0, 1))
+def test_slerp_returns_the_endpoints_and_keeps_a_shared_norm(seed, lam):
+    z0, z1 = torch.randn(2, 3, 1, 4, 4, generator=gen(seed), dtype=F64)
+    z1 = (
+        z1
+        * z0.flatten(1).norm(dim=1)[:, None, None, None]
+        / z1.flatten(1).norm(dim=1)[:, None, None, None]
+    )
+    assert torch.allclose(ddpm.slerp(z0, z1, 0.0), z0, atol=1e-12)
+    assert torch.allclose(ddpm.slerp(z0, z1, 1.0), z1, atol=1e-12)
+    z = ddpm.slerp(z0, z1, lam)
+    assert torch.allclose(z.flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), rtol=1e-10)
+    # on the great circle: the angle from z0 is lam times the angle between the endpoints
+    cos = lambda a, b: ((a * b).sum() / (a.norm() * b.norm())).clamp(-1, 1)  # noqa: E731
+    theta = torch.arccos(cos(z0[0], z1[0]))
+    assert math.isclose(torch.arccos(cos(z0[0], z[0])).item(), lam * theta.item(), abs_tol=1e-6)
+
+
+def test_ddpm_mix_decodes_from_t_and_at_the_ends_is_the_image_it_noised():
+    """With lam = 0 (1) the mix is x_t of the first (second) image; with that image's exact eps
+    the reverse process from t returns it exactly. Each decode makes t calls, starting at t."""
+    s, T = ddpm.make_schedule("linear", 1000), 300
+    x0, x0_prime = torch.randn(2, 2, 1, 4, 4, generator=gen(0), dtype=F64)
+    eps = torch.randn(x0.shape, generator=gen(1), dtype=F64)
+    for lam, image in ((0.0, x0), (1.0, x0_prime)):
+        calls = []
+        out = ddpm.ddpm_mix(noting_t(oracle_eps(image, s), calls), s, x0, x0_prime, lam, T, eps)
+        assert torch.allclose(out, image, atol=1e-9) and calls == list(range(T, 0, -1))
+
+
+def noting_t(eps_model, calls):  # eps_model, noting the t of each call in calls
+    def eps_counted(xt, t):
+        calls.append(t[0].item())
+        return eps_model(xt, t)
+
+    return eps_counted
+
+
+@settings(deadline=None, max_examples=20)
+@given(kind=kinds, T=st.integers(2, 400), data=st.data())
+def test_algorithm_2_on_the_respaced_schedule_is_ddim_at_eta_1(kind, T, data):
+    """DDIM's eta = 1 is the posterior q(x_s | x_t, x0_hat) of the sub-sequence, so Algorithm 2
+    with beta_tilde' on respaced is the same sampler, draw for draw (DDIM draws its z after each
+    call, Algorithm 2 before it; the last of DDIM's is multiplied by 0). Respaced with S = T is the
+    schedule itself; with sigma^2 = beta' (DDIM's sigma_hat) the samples differ."""
+    s = ddpm.make_schedule(kind, T)
+    steps = data.draw(st.integers(1, T))
+    sub, eps_sub = ddpm.respaced(s, steps, toy_eps)
+    assert sub.T == steps and torch.allclose(
+        sub.alpha_bar[1:], s.alpha_bar[ddpm.ddim_timesteps(T, steps)[::-1]], rtol=1e-12
+    )
+    if steps == T:
+        assert torch.allclose(sub.beta, s.beta, rtol=1e-9, atol=1e-15)
+    x_T = torch.randn(3, 1, 4, 4, generator=gen(0), dtype=F64)
+    ddim = ddpm.sample_ddim(toy_eps, s, x_T.shape, steps, 1.0, gen(1), x_T=x_T)
+    alg2 = ddpm.sample_ddpm(eps_sub, sub, x_T.shape, gen(1), "beta_tilde", x_T=x_T)
+    assert torch.allclose(ddim, alg2, atol=1e-9, rtol=1e-9)
+    if steps > 2:
+        hat = ddpm.sample_ddpm(eps_sub, sub, x_T.shape, gen(1), "beta", x_T=x_T)
+        assert not torch.allclose(ddim, hat, atol=1e-3)
+
+
+@pytest.mark.parametrize("eta", [0.2, 0.5])
+def test_ddim_noise_has_the_variance_of_eq_16_between_0_and_1(eta):
+    """One DDIM step from a fixed x_T with a point-mass eps: x0_hat and eps are determined, so
+    x_s scatters by sigma_tau(eta) alone. Eq. (16), written out here: sigma^2 = eta^2 (1 - ab_s) /
+    (1 - ab_t) (1 - ab_t / ab_s). At eta = 0 and 1 eta and sqrt(eta) agree; here they do not (a
+    sigma that scaled with sqrt(eta) would have 5x / 2x this variance)."""
+    s, N = ddpm.make_schedule("linear", 1000), 20_000
+    t, t_next = ddpm.ddim_timesteps(1000, 5)[:2]
+    x0 = torch.zeros(N, 1, dtype=F64)
+    x_T = torch.full((N, 1), 0.7, dtype=F64)
+    _, xs = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, 5, eta, gen(0), x_T, trajectory=True)
+    ab, ab_next = s.alpha_bar[t].item(), s.alpha_bar[t_next].item()
+    var = eta**2 * (1 - ab_next) / (1 - ab) * (1 - ab / ab_next)
+    assert abs(xs[1].var().item() / var - 1) < 5 * math.sqrt(2 / N)
 
 
 # -----------------------------------------------------------------------------
@@ -1599,6 +1746,102 @@ def test_nll_of_an_unconditional_net_has_one_branch_and_no_label_term(tmp_path, 
     rows = [row for row in rows if "sigma^2 = beta" in row]  # not the rate-distortion rows
     assert len(rows) == 4 and all(row.startswith("  unconditional") for row in rows)
     assert not any("p(y)" in row for row in rows)
+
+
+def spy_on_labels(monkeypatch):
+    """Every label the network is told, one list a call, as load_checkpoint's model is called."""
+    seen, load_checkpoint = [], ddpm.load_checkpoint
+
+    def loading(path, device):
+        ckpt, model = load_checkpoint(path, device)
+
+        def spy(xt, t, y):
+            seen.append(y.tolist())
+            return model(xt, t, y)
+
+        spy.config, spy.parameters = model.config, model.parameters
+        return ckpt, spy
+
+    monkeypatch.setattr(ddpm, "load_checkpoint", loading)
+    return seen
+
+
+def test_reconstruct_prints_a_row_a_run_and_tells_each_image_its_own_label_both_ways(
+    trained, capsys, monkeypatch
+):
+    d, ckpt = trained
+    seen = spy_on_labels(monkeypatch)
+    out = d / "reconstruct.png"
+    command = f"reconstruct --ckpt {ckpt} --data-dir {d} --n 12 --batch-size 8 --steps 3,20"
+    assert cli(command, ["--refine", "0,2", "--out", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r" +\d+ \|", line)]
+    runs = [(3, 0), (3, 2), (20, 0), (20, 2)]
+    assert [tuple(map(int, row.split("|")[:2])) for row in rows] == runs
+    assert [int(row.split("|")[-1]) for row in rows] == [s * (2 + r) for s, r in runs]
+    # write_mnist labels image i with i % 10; 2 batches, each call told its batch's own labels
+    per_image = sum(s * (2 + r) for s, r in runs)
+    assert seen == [[i % 10 for i in range(8)]] * per_image + [[8, 9, 0, 1]] * per_image
+    assert Image.open(out).size == (8 * 34 + 2, 5 * 34 + 2)  # the images, then a row a run
+
+
+def test_the_reconstruction_error_shrinks_as_steps_grow_and_refining_cuts_it(roll):
+    """The trained swiss roll: encoding is not the identity (x_T moves 0.19-0.54 RMS away and has
+    std 0.72-1.18), the paper's encoder reconstructs better with more steps, and two fixed-point
+    iterations do better than it at every S. Measured (RMS): 0.21 / 0.021 / 0.0049 at S = 10 / 50 /
+    200 with the paper's encoder; 0.051 / 0.0014 / 3e-5 refined."""
+    _, model = ddpm.load_checkpoint(roll[1], "cpu")
+    sched = ddpm.make_schedule("linear", 1000)
+    x0 = ddpm.make_swissroll(500, gen(0))
+    errors = {0: [], 2: []}
+    with torch.no_grad():
+        for steps in (10, 50, 200):
+            for refine in errors:
+                x_T = ddpm.ddim_encode(model, sched, x0, steps, refine)
+                back = ddpm.sample_ddim(model, sched, x0.shape, steps, x_T=x_T)
+                errors[refine].append((back - x0).pow(2).mean().sqrt().item())
+                assert (x_T - x0).pow(2).mean().sqrt() > 0.1 and 0.6 < x_T.std() < 1.4
+    paper, refined = errors[0], errors[2]
+    assert all(a > b for a, b in zip(paper, paper[1:])) and paper[-1] < paper[0] / 4
+    assert all(r < p / 2 for r, p in zip(refined, paper))
+
+
+def test_interpolate_draws_the_pair_by_ddim_and_ddpm_and_random_rows(trained, capsys, monkeypatch):
+    """Rows: the pair by DDIM, DDPM's mix at each --t-mix, --rows random pairs; the pair rows have
+    the two images at their ends and ask the "no label" branch (label 10) every time; a random row
+    is told one label. A 28 x 28 .png of test image 0 is test image 0, padded."""
+    d, ckpt = trained
+    seen = spy_on_labels(monkeypatch)
+    images = write_mnist(d)
+    Image.fromarray(images[0].numpy()).save(d / "digit.png")
+    flags = f"--ckpt {ckpt} --data-dir {d} --lambdas 3 --steps 4 --t-mix 5,10 --rows 2"
+    files = []
+    for pair in ("0,1", f"{d / 'digit.png'},1"):
+        files.append(d / f"interpolate{len(files)}.png")
+        seen.clear()
+        assert cli(f"interpolate {flags} --pair {pair} --out {files[-1]}") == 0
+    grid = np.asarray(Image.open(files[0]))
+    assert grid.shape == (5 * 34 + 2, 5 * 34 + 2)  # 5 rows; 3 lambdas between the two images
+    assert files[0].read_bytes() == files[1].read_bytes()
+    pixels = ddpm.load_data("mnist", str(d), train=False)[0]
+    for row in range(3):  # the pair's rows: DDIM, mixes at t = 5 and 10
+        y0 = 2 + 34 * row
+        assert np.array_equal(grid[y0 : y0 + 32, 2:34], pixels[0, 0].numpy())
+        assert np.array_equal(grid[y0 : y0 + 32, 4 * 34 + 2 : 5 * 34], pixels[1, 0].numpy())
+    encode_decode = [y for y in seen if len(y) in (2, 3)] + [y for y in seen if len(y) == 1]
+    assert len(encode_decode) == 4 + 4 + 3 * (5 + 10) and all(set(y) == {10} for y in encode_decode)
+    random_rows = [y for y in seen if len(y) not in (1, 2, 3)]  # 2 x 3 lambdas; guided: twice
+    assert len(random_rows) == 4 and all(len(y) in (6, 12) for y in random_rows)
+    assert all(len(set(y[:3])) == len(set(y[3:6])) == 1 and max(y[:6]) < 10 for y in random_rows)
+
+
+def test_sample_ddpm_with_fewer_steps_is_algorithm_2_on_the_sub_sequence(trained, monkeypatch):
+    d, ckpt = trained
+    seen = spy_on_labels(monkeypatch)
+    out = d / "hat.npz"
+    for sigma2 in ("beta", "beta_tilde"):
+        seen.clear()
+        command = f"sample --ckpt {ckpt} --sampler ddpm --steps 5 --sigma2 {sigma2} --out {out}"
+        assert cli(command, ["--n", "4"]) == 0 and len(seen) == 5
 
 
 def test_nll_on_points_is_one_line(roll, capsys):

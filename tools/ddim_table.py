@@ -1,0 +1,84 @@
+"""DDIM's Table 1 on MNIST: sample quality against the steps S and eta, judged by tools/quality.py.
+
+    python tools/quality.py train --data-dir ../shared/data --out clf.pt
+    python tools/ddim_table.py --clf clf.pt --data-dir ../shared/data --n 500 --out table
+
+Each cell is `ddpm.py sample --sampler ddim --steps S --eta ETA --guidance 0 --n N --seed 0` (the
+sigma_hat row: `--sampler ddpm --steps S --sigma2 beta`, Algorithm 2 on the sub-sequence), saved as
+OUT/<cell>.npz and judged against the test split: the share of confident digits and the Frechet
+distance in the classifier's features, over the floor of N real training images. A cell whose .npz
+exists is judged, not sampled again, so a stopped run resumes. Every cell starts from the same x_T
+(the same seed), so OUT/fig5.png shows DDIM's Fig. 5: the first 8 samples at eta = 0, a row an S.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import quality  # noqa: E402
+
+import ddpm  # noqa: E402
+
+CELLS = [(S, eta) for S in (10, 20, 50, 100) for eta in ("0", "0.2", "0.5", "1", "hat")]
+CELLS += [(1000, "0"), (1000, "1")]
+
+
+def sample_flags(S, eta):
+    if eta == "hat":
+        return ["--sampler", "ddpm", "--steps", str(S), "--sigma2", "beta"]
+    return ["--sampler", "ddim", "--steps", str(S), "--eta", eta]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clf", default="clf.pt", help="from tools/quality.py train")
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--ckpt", help="None: the model shipped in samples/")
+    parser.add_argument("--n", type=int, default=500, help="samples a cell")
+    parser.add_argument("--guidance", default="0", help="0: the sampler alone, p(x) itself")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="table", help="a folder for the cells' .npz")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    model = quality.make_classifier()
+    model.load_state_dict(torch.load(args.clf, weights_only=True))
+    model.eval()
+    x_test, _ = quality.mnist(args.data_dir, False)
+    x_train, _ = quality.mnist(args.data_dir, True)
+    with torch.no_grad():
+        reference = model[0](ddpm.to_model_range(x_test)).double()
+    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[: args.n]
+    real, _, _, floor = quality.judge_images(model, x_train[idx], reference)
+    print(f"{args.n} real training images: p > 0.9 {real:.1%}, FD {floor:.2f} (the floor)")
+    print("| S | eta | p > 0.9 | FD (x floor) | sampling time |")
+    print("| --- | --- | --- | --- | --- |")
+    for S, eta in CELLS:
+        path = os.path.join(args.out, f"S{S}_eta{eta}.npz")
+        seconds = "(sampled before)"
+        if not os.path.exists(path):
+            t0 = time.time()
+            flags = sample_flags(S, eta) + ["--guidance", args.guidance, "--n", str(args.n)]
+            flags += ["--seed", str(args.seed), "--out", path]
+            flags += ["--ckpt", args.ckpt] if args.ckpt else []
+            assert ddpm.main(["sample", *flags]) == 0
+            seconds = f"{time.time() - t0:.0f} s"
+        sure, _, _, fd = quality.judge_images(model, np.load(path)["images"], reference)
+        print(
+            f"| {S} | {eta} | {sure:.1%} | {fd:.2f} ({fd / floor:.1f}x) | {seconds} |", flush=True
+        )
+    rows = [
+        np.load(os.path.join(args.out, f"S{S}_eta0.npz"))["images"][:8]
+        for S in (10, 20, 50, 100, 1000)
+    ]
+    x = ddpm.to_model_range(torch.as_tensor(np.concatenate(rows)))
+    ddpm.save_samples(os.path.join(args.out, "fig5.png"), x, nrow=8)
+
+
+if __name__ == "__main__":
+    main()
