@@ -1645,38 +1645,28 @@ def make_parser():
     sa = sub.add_parser(
         "sample", help="Algorithm 2, DDIM or DPM-Solver++ sampling", formatter_class=fmt
     )
-    for p in (tr, sa):
-        p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-        p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-        p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     nl = sub.add_parser(
         "nll", help="the bound of eq. (5) in bits/dim on the test split", formatter_class=fmt
     )
-    nl.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    nl.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="fp32",
-        help="fp32: bf16 raises the shipped model's bound by 0.04 bits/dim (README)",
-    )
-    nl.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     rec = sub.add_parser(
         "reconstruct", help="DDIM: encode test images to x_T, decode, the MSE", formatter_class=fmt
     )
     ip = sub.add_parser(
         "interpolate", help="DDIM's and DDPM's interpolations, as a grid", formatter_class=fmt
     )
-    for p in (rec, ip):
-        p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-        p.add_argument(
-            "--precision",
-            choices=["auto", "fp32", "bf16", "fp16"],
-            default="fp32",
-            help="fp32: encoding in bf16 adds its rounding to the MSE (samples/README.md)",
-        )
+    add_device_flags(tr)
+    add_device_flags(sa)
+    add_device_flags(nl, "fp32: bf16 raises the shipped model's bound by 0.04 bits/dim (README)")
+    bf16_adds = "fp32: in bf16 the rounding adds to the reconstruction error (samples/README.md)"
+    add_device_flags(rec, bf16_adds)
+    add_device_flags(ip, bf16_adds)
+    for p in (tr, sa, nl, ip):
+        p.add_argument("--seed", type=int, default=0, help="fixes every random draw")
+    for p in (sa, nl, rec, ip):
         p.add_argument(
             "--ckpt", help="checkpoint written by train; None: the model shipped in samples/"
         )
+    for p in (nl, rec, ip):
         p.add_argument(
             "--data-dir", default="./data", help="the test split is read, or downloaded, here"
         )
@@ -1686,6 +1676,16 @@ def make_parser():
     add_reconstruct_flags(rec)
     add_interpolate_flags(ip)
     return parser
+
+
+def add_device_flags(p, fp32_why=None):  # fp32_why: why this command defaults to fp32
+    p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="fp32" if fp32_why else "auto",
+        help=fp32_why,
+    )
 
 
 def add_train_flags(tr):
@@ -1739,9 +1739,6 @@ def add_train_flags(tr):
 
 def add_sample_flags(sa):
     sa.add_argument(
-        "--ckpt", help="checkpoint written by train; None: the model shipped in samples/"
-    )
-    sa.add_argument(
         "--sampler", choices=["ddpm", "ddim", "dpm"], default="ddpm", help="dpm: DPM-Solver++"
     )
     sa.add_argument(
@@ -1790,12 +1787,6 @@ def add_sample_flags(sa):
 
 
 def add_nll_flags(nl):
-    nl.add_argument(
-        "--ckpt", help="checkpoint written by train; None: the model shipped in samples/"
-    )
-    nl.add_argument(
-        "--data-dir", default="./data", help="the test split is read, or downloaded, here"
-    )
     nl.add_argument("--n", type=int, help="test images; None: the whole test split")
     nl.add_argument(
         "--n-rd", type=int, default=1000, help="images for 'no label', rate and distortion"
@@ -1843,7 +1834,6 @@ def add_interpolate_flags(ip):
         help="DDPM Section 4.4: a row of the pair mixed at each t; None: T/4, T/2, 3T/4",
     )
     ip.add_argument("--rows", type=int, default=2, help="rows between two random x_T")
-    ip.add_argument("--seed", type=int, default=0, help="fixes every random draw")
     ip.add_argument("--out", default="interpolate.png", help="the grid, a .png")
 
 
