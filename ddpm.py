@@ -1455,10 +1455,13 @@ def interpolate(args):
         raise UserError(f"--out {args.out}: the interpolation grid is a .png")
     check_writable(args.out)
     x0 = torch.stack([pair_image(s, run, shape, args.data_dir) for s in args.pair]).to(device)
+    L = args.lambdas
+    # network calls: encode the pair, decode its row, the mixes one lam at a time, the random rows
+    progress = Progress(steps * (2 + args.refine) + L * sum(t_mix) + (steps if args.rows else 0))
+    model = counted(model, progress, by_images=False)
     K = model.config["n_classes"]
     no_label = told(model, K)
-    lam = torch.linspace(0, 1, args.lambdas, dtype=torch.float64)[:, None]
-    L = args.lambdas
+    lam = torch.linspace(0, 1, L, dtype=torch.float64)[:, None]
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     with autocast(device, precision):
@@ -1524,10 +1527,10 @@ def pair_image(s, run, shape, data_dir):  # --pair: a test index, or a .png of t
     return to_model_range(x)
 
 
-def counted(model, progress):  # the network, ticking `progress` by the images of each call
+def counted(model, progress, by_images=True):  # the network, ticking `progress` each call
     def model_counted(xt, t, y):
         eps = model(xt, t, y)
-        progress.tick(steps=len(xt))
+        progress.tick(steps=len(xt) if by_images else 1)
         return eps
 
     model_counted.config = model.config
