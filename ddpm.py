@@ -1830,7 +1830,12 @@ def add_interpolate_flags(ip):
     )
     ip.add_argument("--lambdas", type=int, default=9, help="columns, lam = 0..1")
     ip.add_argument("--steps", type=int, help="DDIM steps to encode and decode; None: 50")
-    ip.add_argument("--refine", type=int, default=0, help="fixed-point iterations a step")
+    ip.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        help="fixed-point iterations a step; 0: the paper's encoder",
+    )
     ip.add_argument(
         "--t-mix",
         type=comma_ints,

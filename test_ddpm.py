@@ -1828,7 +1828,9 @@ def test_interpolate_draws_the_pair_by_ddim_and_ddpm_and_random_rows(trained, ca
         assert np.array_equal(grid[y0 : y0 + 32, 2:34], pixels[0, 0].numpy())
         assert np.array_equal(grid[y0 : y0 + 32, 4 * 34 + 2 : 5 * 34], pixels[1, 0].numpy())
     encode_decode = [y for y in seen if len(y) in (2, 3)] + [y for y in seen if len(y) == 1]
-    assert len(encode_decode) == 4 + 4 + 3 * (5 + 10) and all(set(y) == {10} for y in encode_decode)
+    assert len(encode_decode) == 4 * 3 + 4 + 3 * (5 + 10) and all(
+        set(y) == {10} for y in encode_decode
+    )
     random_rows = [y for y in seen if len(y) not in (1, 2, 3)]  # 2 x 3 lambdas; guided: twice
     assert len(random_rows) == 4 and all(len(y) in (6, 12) for y in random_rows)
     assert all(len(set(y[:3])) == len(set(y[3:6])) == 1 and max(y[:6]) < 10 for y in random_rows)
