@@ -1454,13 +1454,16 @@ def interpolate(args):
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out {args.out}: the interpolation grid is a .png")
     check_writable(args.out)
-    x0 = torch.stack([pair_image(s, run, shape, args.data_dir) for s in args.pair]).to(device)
+    test = None
+    if any(s.isdigit() for s in args.pair):
+        check_test_split(run, f"--pair {','.join(args.pair)}: test indices")
+        test, _ = load_data(run["dataset"], args.data_dir, train=False)
+    x0 = torch.stack([pair_image(s, run, shape, test) for s in args.pair]).to(device)
     L = args.lambdas
     # network calls: encode the pair, decode its row, the mixes one lam at a time, the random rows
     progress = Progress(steps * (2 + args.refine) + L * sum(t_mix) + (steps if args.rows else 0))
     model = counted(model, progress, by_images=False)
-    K = model.config["n_classes"]
-    no_label = told(model, K)
+    no_label = told(model, model.config["n_classes"])
     lam = torch.linspace(0, 1, L, dtype=torch.float64)[:, None]
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
@@ -1468,29 +1471,9 @@ def interpolate(args):
         x_T = ddim_encode(no_label, sched, x0, steps, args.refine)
         z = slerp(x_T[:1].expand(L, *shape), x_T[1:].expand(L, *shape), lam)
         rows = [sample_ddim(no_label, sched, z.shape, steps, x_T=z)]
-        for t in t_mix:  # the same eps for both images, the same z for every lam
-            eps = torch.randn(1, *shape, generator=gen, device=device)
-            seed = int(torch.randint(2**62, (1,), generator=gen, device=device))
-            mixes = []
-            for j in range(L):
-                gen_t = torch.Generator(device).manual_seed(seed)
-                mix = ddpm_mix(no_label, sched, x0[:1], x0[1:], lam[j].item(), t, eps, gen_t)
-                mixes.append(mix)
-            rows.append(torch.cat(mixes))
+        rows += [mix_row(no_label, sched, x0, lam, t, gen) for t in t_mix]
         if args.rows:
-            z0 = torch.randn(args.rows, *shape, generator=gen, device=device)
-            z1 = torch.randn(args.rows, *shape, generator=gen, device=device)
-            z = slerp(
-                z0.repeat_interleave(L, 0), z1.repeat_interleave(L, 0), lam.repeat(args.rows, 1)
-            )
-            eps_model = model
-            if K:
-                label_freq = ckpt["config"].get("label_freq", [1 / K] * K)
-                y = draw_labels(label_freq, args.rows, torch.Generator().manual_seed(args.seed))
-                t_lo, t_hi = [f * sched.T for f in UNCOND_T]
-                eps_model = guided(model, y.repeat_interleave(L).to(device), UNCOND_W, t_lo, t_hi)
-            x = sample_ddim(eps_model, sched, z.shape, steps, x_T=z)
-            rows += list(x.float().split(L))
+            rows += random_rows(model, ckpt, sched, steps, lam, args.rows, gen, args.seed)
     blank = -torch.ones(1, *shape, device=device)  # black
     grid = []
     for i, row in enumerate(rows):
@@ -1505,13 +1488,38 @@ def interpolate(args):
     return 0
 
 
-def pair_image(s, run, shape, data_dir):  # --pair: a test index, or a .png of the model's shape
+def mix_row(eps_model, sched, x0, lam, t, gen):  # DDPM Section 4.4 at t, a column a lam
+    eps = torch.randn(1, *x0.shape[1:], generator=gen, device=x0.device)  # one eps for both
+    seed = int(torch.randint(2**62, (1,), generator=gen, device=x0.device))
+    mixes = []
+    for j in range(len(lam)):  # one lam at a time, each decoded with the same z
+        gen_t = torch.Generator(x0.device).manual_seed(seed)
+        mixes.append(ddpm_mix(eps_model, sched, x0[:1], x0[1:], lam[j].item(), t, eps, gen_t))
+    return torch.cat(mixes)
+
+
+def random_rows(model, ckpt, sched, steps, lam, n_rows, gen, seed):  # slerp of random x_T pairs
+    shape = tuple(ckpt["config"]["data_shape"])
+    L = len(lam)
+    z0 = torch.randn(n_rows, *shape, generator=gen, device=gen.device)
+    z1 = torch.randn(n_rows, *shape, generator=gen, device=gen.device)
+    z = slerp(z0.repeat_interleave(L, 0), z1.repeat_interleave(L, 0), lam.repeat(n_rows, 1))
+    eps_model = model
+    K = model.config["n_classes"]
+    if K:  # one label a row, guided as `sample` guides an unconditional request
+        label_freq = ckpt["config"].get("label_freq", [1 / K] * K)
+        y = draw_labels(label_freq, n_rows, torch.Generator().manual_seed(seed))
+        t_lo, t_hi = [f * sched.T for f in UNCOND_T]
+        eps_model = guided(model, y.repeat_interleave(L).to(gen.device), UNCOND_W, t_lo, t_hi)
+    x = sample_ddim(eps_model, sched, z.shape, steps, x_T=z)
+    return list(x.float().split(L))
+
+
+def pair_image(s, run, shape, test):  # --pair: an index into `test`, or a .png of the model's shape
     if s.isdigit():
-        check_test_split(run, f"--pair {s}: a test index")
-        data, _ = load_data(run["dataset"], data_dir, train=False)
-        if int(s) >= len(data):
-            raise UserError(f"--pair {s}: the {run['dataset']} test split has {len(data)} images")
-        return to_model_range(data[int(s)])
+        if int(s) >= len(test):
+            raise UserError(f"--pair {s}: the {run['dataset']} test split has {len(test)} images")
+        return to_model_range(test[int(s)])
     try:
         image = Image.open(s).convert("L" if shape[0] == 1 else "RGB")
     except OSError as e:
