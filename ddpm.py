@@ -1418,12 +1418,16 @@ def reconstruct(args):
     )
     label = ", own label both ways" if model.config["n_classes"] else ""
     print(f"reconstruct: {where} at step {ckpt['step']}{label}, {precision}")
-    print("  steps | refine | MSE per dim on [0, 1] +- 1 SE | std of x_T | network calls an image")
+    print(
+        "  steps | refine | MSE per dim on [0, 1] +- 1 SE | median | worst image | std of x_T"
+        " | network calls an image"
+    )
     for r, c in zip(runs, calls):
         e = torch.cat(mse[r])
         se = e.std() / math.sqrt(len(e)) if len(e) > 1 else math.nan
+        spread = f"{e.median():.1e} | {e.max():.1e}"  # a few images can carry the mean
         std = torch.cat(x_T_std[r]).mean()
-        print(f"  {r[0]:5d} | {r[1]:6d} | {e.mean():.2e} +- {se:.1e} | {std:.3f} | {c}")
+        print(f"  {r[0]:5d} | {r[1]:6d} | {e.mean():.2e} +- {se:.1e} | {spread} | {std:.3f} | {c}")
     if args.out:
         save_samples(args.out, torch.cat(shown).float(), nrow=len(shown[0]))
         print(f"wrote {args.out}: the first {len(shown[0])} images, then a row a line above")
