@@ -1,14 +1,16 @@
 """DDIM's Table 1 on MNIST: sample quality against the steps S and eta, judged by tools/quality.py.
 
     python tools/quality.py train --data-dir ../shared/data --out clf.pt
-    python tools/ddim_table.py --clf clf.pt --data-dir ../shared/data --n 500 --out table
+    python tools/ddim_table.py --clf clf.pt --data-dir ../shared/data --n 300 --out table
 
 Each cell is `ddpm.py sample --sampler ddim --steps S --eta ETA --guidance 0 --n N --seed 0` (the
 sigma_hat row: `--sampler ddpm --steps S --sigma2 beta`, Algorithm 2 on the sub-sequence), saved as
 OUT/<cell>.npz and judged against the test split: the share of confident digits and the Frechet
 distance in the classifier's features, over the floor of N real training images. A cell whose .npz
 exists is judged, not sampled again, so a stopped run resumes. Every cell starts from the same x_T
-(the same seed), so OUT/fig5.png shows DDIM's Fig. 5: the first 8 samples at eta = 0, a row an S.
+(the same seed), so OUT/fig5.png shows DDIM's Fig. 5: the first 8 samples at eta = 0, a row an S;
+and it prints how often each S gives the digit S = 1000 gives from the same x_T. OUT/eta.png: the
+first 8 samples at S = 10, a row an eta (0, 0.2, 0.5, 1, sigma_hat): what eta does to the pixels.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import ddpm  # noqa: E402
 
 CELLS = [(S, eta) for S in (10, 20, 50, 100) for eta in ("0", "0.2", "0.5", "1", "hat")]
 CELLS += [(1000, "0"), (1000, "1")]
+STEPS = (10, 20, 50, 100, 1000)  # the rows of Fig. 5
 
 
 def sample_flags(S, eta):
@@ -40,7 +43,7 @@ def main():
     parser.add_argument("--clf", default="clf.pt", help="from tools/quality.py train")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--ckpt", help="None: the model shipped in samples/")
-    parser.add_argument("--n", type=int, default=500, help="samples a cell")
+    parser.add_argument("--n", type=int, default=300, help="samples a cell")
     parser.add_argument("--guidance", default="0", help="0: the sampler alone, p(x) itself")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="table", help="a folder for the cells' .npz")
@@ -72,12 +75,26 @@ def main():
         print(
             f"| {S} | {eta} | {sure:.1%} | {fd:.2f} ({fd / floor:.1f}x) | {seconds} |", flush=True
         )
-    rows = [
-        np.load(os.path.join(args.out, f"S{S}_eta0.npz"))["images"][:8]
-        for S in (10, 20, 50, 100, 1000)
-    ]
-    x = ddpm.to_model_range(torch.as_tensor(np.concatenate(rows)))
-    ddpm.save_samples(os.path.join(args.out, "fig5.png"), x, nrow=8)
+    at_eta0 = {S: np.load(os.path.join(args.out, f"S{S}_eta0.npz"))["images"] for S in STEPS}
+    print("Fig. 5, eta = 0: each S against S = 1000 from the same x_T")
+    x_1000 = ddpm.to_model_range(torch.as_tensor(at_eta0[1000]))
+    with torch.no_grad():
+        digit_1000 = model(x_1000).argmax(1)
+    for S in STEPS[:-1]:
+        x = ddpm.to_model_range(torch.as_tensor(at_eta0[S]))
+        with torch.no_grad():
+            same = (model(x).argmax(1) == digit_1000).float().mean()
+        rms = ((x - x_1000) / 2).pow(2).mean().sqrt()  # on [0, 1]
+        print(f"  S = {S}: the same digit {same:.1%}, pixel RMS difference {rms:.3f} on [0, 1]")
+    save_rows(os.path.join(args.out, "fig5.png"), [at_eta0[S] for S in STEPS])
+    at_10 = [np.load(os.path.join(args.out, f"S10_eta{e}.npz"))["images"] for S, e in CELLS[:5]]
+    save_rows(os.path.join(args.out, "eta.png"), at_10)
+    print(f"wrote {args.out}/fig5.png (eta = 0, a row an S), {args.out}/eta.png (S = 10, an eta)")
+
+
+def save_rows(path, cells):  # the first 8 samples of each cell, a row a cell
+    x = ddpm.to_model_range(torch.as_tensor(np.concatenate([c[:8] for c in cells])))
+    ddpm.save_samples(path, x, nrow=8)
 
 
 if __name__ == "__main__":
