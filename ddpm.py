@@ -31,6 +31,7 @@ Notation. The three papers give one quantity different names; this file uses DDP
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import os
 import signal
@@ -1458,10 +1459,7 @@ def interpolate(args):
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out {args.out}: the interpolation grid is a .png")
     check_writable(args.out)
-    test = None
-    if any(s.isdigit() for s in args.pair):
-        check_test_split(run, f"--pair {','.join(args.pair)}: test indices")
-        test, _ = load_data(run["dataset"], args.data_dir, train=False)
+    test = functools.cache(lambda: load_data(run["dataset"], args.data_dir, train=False)[0])
     x0 = torch.stack([pair_image(s, run, shape, test) for s in args.pair]).to(device)
     L = args.lambdas
     # network calls: encode the pair, decode its row, the mixes one lam at a time, the random rows
@@ -1519,11 +1517,13 @@ def random_rows(model, ckpt, sched, steps, lam, n_rows, gen, seed):  # slerp of 
     return list(x.float().split(L))
 
 
-def pair_image(s, run, shape, test):  # --pair: an index into `test`, or a .png of the model's shape
+def pair_image(s, run, shape, test):  # --pair: an index into test(), or a .png of the model's shape
     if s.isdigit():
-        if int(s) >= len(test):
-            raise UserError(f"--pair {s}: the {run['dataset']} test split has {len(test)} images")
-        return to_model_range(test[int(s)])
+        check_test_split(run, f"--pair {s}: a test index")
+        data = test()  # loaded once for both indices
+        if int(s) >= len(data):
+            raise UserError(f"--pair {s}: the {run['dataset']} test split has {len(data)} images")
+        return to_model_range(data[int(s)])
     try:
         image = Image.open(s).convert("L" if shape[0] == 1 else "RGB")
     except OSError as e:
