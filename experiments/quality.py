@@ -1,7 +1,7 @@
 """How good are MNIST samples? A small classifier of this project's own, outside the reference.
 
-    python tools/quality.py train --data-dir ../shared/data --out clf.pt  # 2 min on 2 cores
-    python tools/quality.py judge --clf clf.pt samples.npz [more.npz ...]  # from ddpm.py sample
+    python experiments/quality.py train --data-dir ../shared/data --out clf.pt  # 2 min on 2 cores
+    python experiments/quality.py judge --clf clf.pt s.npz [more.npz ...]  # from ddpm.py sample
 
 For each .npz of uint8 images (N, 1, 32, 32) it reports the share classified with p > 0.9, the
 class histogram of those confident ones, and the Frechet distance between the classifier's 128
@@ -11,18 +11,16 @@ at a finite N the distance is not 0, and that floor is what a sample set is comp
 """
 
 import argparse
-import os
-import sys
 import time
 
+import common  # noqa: F401  (makes ddpm importable)
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ddpm  # noqa: E402  (the data loader and the pixel scaling are the reference's own)
+import ddpm  # the pixel scaling is the reference's own
 
 
 def make_classifier():

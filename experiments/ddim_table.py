@@ -1,7 +1,7 @@
-"""DDIM's Table 1 on MNIST: sample quality against the steps S and eta, judged by tools/quality.py.
+"""DDIM's Table 1 on MNIST: sample quality against the steps S and eta, judged by quality.py.
 
-    python tools/quality.py train --data-dir ../shared/data --out clf.pt
-    python tools/ddim_table.py --clf clf.pt --data-dir ../shared/data --n 300 --out table
+    python experiments/quality.py train --data-dir ../shared/data --out clf.pt
+    python experiments/ddim_table.py --clf clf.pt --data-dir ../shared/data --n 300 --out table
 
 Each cell is `ddpm.py sample --sampler ddim --steps S --eta ETA --guidance 0 --n N --seed 0` (the
 sigma_hat row: `--sampler ddpm --steps S --sigma2 beta`, Algorithm 2 on the sub-sequence), saved as
@@ -15,17 +15,14 @@ first 8 samples at S = 10, a row an eta (0, 0.2, 0.5, 1, sigma_hat): what eta do
 
 import argparse
 import os
-import sys
 import time
 
+import common  # noqa: F401  (makes ddpm importable)
 import numpy as np
+import quality
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import quality  # noqa: E402
-
-import ddpm  # noqa: E402
+import ddpm
 
 CELLS = [(S, eta) for S in (10, 20, 50, 100) for eta in ("0", "0.2", "0.5", "1", "hat")]
 CELLS += [(1000, "0"), (1000, "1")]
@@ -40,7 +37,7 @@ def sample_flags(S, eta):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clf", default="clf.pt", help="from tools/quality.py train")
+    parser.add_argument("--clf", default="clf.pt", help="from experiments/quality.py train")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--ckpt", help="None: the model shipped in samples/")
     parser.add_argument("--n", type=int, default=300, help="samples a cell")
