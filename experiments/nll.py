@@ -165,19 +165,20 @@ def padded_region(dataset, shape):  # the pixels of the original image: 28 x 28 
     return region
 
 
-def report_bound(nats, minus_log_p_y, D, D_region, n_rd):
+def report_bound(nats, minus_log_p_y, D, D_image, n_rd):
     """Bits/dim and its standard error over images, split into L_T / sum L_{t-1} / L_0, for each
-    branch and sigma^2; then the same over the original pixels, when padding was added."""
-    for r, dims in enumerate([D, D_region]):
-        if r and dims == D:
-            return
-        print(
-            f"bits/dim over {dims} dimensions (eq. 5: L_T + sum L_t-1 + L_0; +- 1 standard error)"
-        )
+    branch and sigma^2: per dimension of the network's D; then, for padded images, the same total
+    bits per pixel of the original image (D_image pixels): the padding is deterministic, so the
+    bits over D_image still bound the data set as distributed; and what the padding pixels cost."""
+    for dims in [D, D_image] if D_image != D else [D]:
+        what = f"bits/dim over {dims} dimensions"
+        if dims != D:
+            what = f"bits per pixel of the original {dims}-pixel image (the same bits)"
+        print(f"{what} (eq. 5: L_T + sum L_t-1 + L_0; +- 1 standard error)")
         for name, v in nats.items():
             extra = minus_log_p_y if name == "own label" else 0 * minus_log_p_y
             for s, sigma2 in enumerate(ddpm.SIGMA2):
-                terms = v[r, s] / (dims * math.log(2))  # bits/dim: (3 terms, images)
+                terms = v[0, s] / (dims * math.log(2))  # bits/dim: (3 terms, images)
                 total = terms.sum(0) + extra[: terms.shape[1]] / (dims * math.log(2))
                 se = total.std() / math.sqrt(len(total)) if len(total) > 1 else math.nan
                 split = " / ".join(f"{x:.4f}" for x in terms.mean(1).tolist())
@@ -186,13 +187,17 @@ def report_bound(nats, minus_log_p_y, D, D_region, n_rd):
                 if name == "own label":
                     split += f" | -log p(y) {extra.mean() / (dims * math.log(2)):.4f}"
                 if sigma2 == "beta":  # Ho et al.'s code: sigma_1^2 = beta_tilde_2 under beta too
-                    ho = total - terms[2] + v[r, 0, 2] / (dims * math.log(2))
-                    split += f" | L_0 of beta_tilde_2 (Ho et al.'s code) {ho.mean():.4f}"
+                    ho = total - terms[2] + v[0, 0, 2] / (dims * math.log(2))
+                    split += f" | with L_0 of beta_tilde_2 (Ho et al.'s code) {ho.mean():.4f}"
                 if name == "no label" and len(nats) > 1:  # the same images with their labels
-                    own = nats["own label"][r, s, :, : len(total)].sum(0)
+                    own = nats["own label"][0, s, :, : len(total)].sum(0)
                     own = own + minus_log_p_y[: len(total)]
                     split += f" | own label on them {own.mean() / (dims * math.log(2)):.4f}"
                 print(f"{line} | L_T / sum L_t-1 / L_0 {split}")
+    if D_image != D:  # the bits an image spent on its padding pixels, which are black in every one
+        v = next(iter(nats.values()))[:, 0].sum(1) / math.log(2)  # (2 regions, images): bits
+        padding = f"the {D - D_image} padding pixels: {(v[0] - v[1]).mean():.1f} bits an image"
+        print(f"{padding} of {v[0].mean():.1f} (sigma^2 = beta_tilde, {next(iter(nats))})")
 
 
 def report_rate_distortion(steps, rate, mse, D):

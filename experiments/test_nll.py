@@ -69,11 +69,18 @@ def test_nll_prints_the_bound_of_both_branches_the_original_pixels_and_rate_dist
     command = f"nll --ckpt {ckpt} --data-dir {d} --n 20 --n-rd 8 --batch-size 8 --out {out}"
     assert cli(command) == 0
     text = capsys.readouterr().out
-    for what in ("own label", "no label, first 8", "over 1024 dimensions", "over 784 dimensions"):
+    for what in ("own label", "no label, first 8", "over 1024 dimensions", "original 784-pixel"):
         assert what in text
     rows = [line for line in text.splitlines() if line.startswith(("  own label", "  no label"))]
     assert len(rows) == 8 and all("sigma^2 = beta" in row for row in rows)  # 2 x 2 x 2 regions
     assert text.count(" | ") >= 11 and "rate and distortion" in text
+    totals = [float(row.split("sigma^2 = ")[1].split()[1]) for row in rows]
+    for a, b in zip(totals[:4], totals[4:]):  # the same bits an image, over the 784 digit pixels
+        assert b == pytest.approx(a * 1024 / 784, abs=2e-4)
+    l0 = [float(row.split("L_T / sum L_t-1 / L_0 ")[1].split(" / ")[2].split()[0]) for row in rows]
+    for i in (1, 3, 5, 7):  # under beta, Ho et al.'s variant takes beta_tilde's L_0 (the row above)
+        ho = float(rows[i].split("(Ho et al.'s code) ")[1].split()[0])
+        assert ho == pytest.approx(totals[i] - l0[i] + l0[i - 1], abs=3e-4)
     assert Image.open(out).size == (12 * 34 + 2, 8 * 34 + 2)  # 8 digits: 11 steps and the image
 
 
