@@ -250,15 +250,16 @@ def initial_noise(shape, generator, x_T=None):
 
 
 @torch.inference_mode()
-def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_T=None, **kw):
+def sample_ddpm(
+    eps_model, sched, shape, generator, sigma2="beta_tilde", x_T=None, t_start=0, trajectory=False
+):
     """Algorithm 2 as printed. sigma2 = "beta_tilde" or "beta", the two sigma_t^2 of Section 3.2.
     Line 4 is eq. (11); the route through x0_hat and the posterior mean, eq. (7), is the same.
-    kw: t_start, x_T is an x_t at t = t_start where the reverse process starts (Section 4.4);
-    trajectory=True, also return every x_t."""
+    With t_start, x_T is an x_t at t = t_start: the reverse process starts there (Section 4.4)."""
     x = initial_noise(shape, generator, x_T)  # line 1
     xs = [x]
     sigma = sigma2_choice(sched, sigma2).sqrt()  # sigma_1 unused: no noise at t = 1 (line 3)
-    for step in range(kw.get("t_start") or sched.T, 0, -1):  # line 2
+    for step in range(t_start or sched.T, 0, -1):  # line 2
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         # line 3: no noise at the last step, otherwise every sample keeps sigma_1 * z of noise
         z = noise_like(x, generator) if step > 1 else 0
@@ -268,7 +269,7 @@ def sample_ddpm(eps_model, sched, shape, generator=None, sigma2="beta_tilde", x_
         alpha_bar = sched.alpha_bar[step]
         x = (x - beta / (1 - alpha_bar).sqrt() * eps) / alpha.sqrt() + sigma[step] * z  # line 4
         xs.append(x)
-    return (x, xs) if kw.get("trajectory") else x  # line 6: x_0
+    return (x, xs) if trajectory else x  # line 6: x_0
 
 
 # --- DDIM (Song et al. 2021): eq. (12) on a sub-sequence tau of 1..T ------------------------------

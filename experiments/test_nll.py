@@ -10,6 +10,7 @@ from PIL import Image
 
 import ddpm
 from conftest import (
+    F64,
     TINY,
     cli,
     fails_in_one_line,
@@ -116,3 +117,20 @@ def test_nll_on_points_is_one_line(roll, capsys):
 )
 def test_bad_input_is_one_line_and_overwrites_nothing(trained, capsys, args, message):
     fails_in_one_line(*trained, capsys, args, message)
+
+
+def test_the_rate_received_down_to_each_t_sums_the_terms_from_t_up():
+    """With the exact eps of the image (oracle_eps), p_theta's mean is the posterior's: every
+    L_{t-1} is 0 under beta_tilde and D (r - 1 - log r) / 2 under beta, r = beta_tilde_t / beta_t,
+    whatever the draws. The KL received down to each t of rd_steps, sum_{s >= t} L_{s-1}, is then
+    that closed form summed over s = max(t, 2)..T (the full sum); at t = 1 it is all of the sum."""
+    sched = ddpm.make_schedule("linear", 100)
+    x0 = pixel_grid_image((1, 1, 4, 4), 1).expand(3, -1, -1, -1)
+    r = sched.beta_tilde / sched.beta
+    per_t = 16 * 0.5 * (r - 1 - r.log())  # nats an image at each t; t = 0, 1 unused
+    steps = nll.rd_steps(100)
+    expected = torch.tensor([per_t[max(t, 2) :].sum() for t in steps], dtype=F64)
+    _, kl, _, received = nll.bound_pass(lambda i: oracle_eps(x0[i], sched), x0, sched, None, gen(0))
+    assert received[0].abs().max() < 1e-9  # beta_tilde
+    assert torch.allclose(received[1], expected.expand(3, -1), rtol=1e-9)
+    assert torch.allclose(received[1, :, -1], kl[1].flatten(1).sum(1), rtol=1e-9)
