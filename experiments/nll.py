@@ -144,17 +144,20 @@ def nll(args):
                 grid = torch.cat([x0_hats[:, :8], x0[None, :8]]).transpose(0, 1).flatten(0, 1)
                 ddpm.save_samples(args.out, grid, nrow=len(steps) + 1)
     nats = {name: torch.cat(v, -1).cpu() for name, v in totals.items()}
-    log_p_y = torch.zeros(n, dtype=torch.float64)  # -log p(x) <= -log p(x | y) - log p(y)
-    if K:
-        label_freq = ckpt["config"].get("label_freq", [1 / K] * K)  # older checkpoints: uniform
-        log_p_y = torch.tensor(label_freq, dtype=torch.float64)[labels[:n]].log()
     draws = f"{args.t_draws or 'every'} t an image, {precision}"
     print(f"nll: {common.where(args, ckpt, run, n)}, {draws}")
-    report_bound(nats, -log_p_y, data[0].numel(), int(region.sum()), n_rd)
+    report_bound(nats, minus_log_p_y(ckpt, labels[:n], K), data[0].numel(), int(region.sum()), n_rd)
     mse = squared_error / (n_rd * data[0].numel())
     report_rate_distortion(steps, rate / n_rd, mse, data[0].numel())
     print(f"{time.time() - t0:.0f}s")
     return 0
+
+
+def minus_log_p_y(ckpt, labels, K):  # -log p(x) <= -log p(x | y) - log p(y); 0 if unconditional
+    if not K:
+        return torch.zeros(len(labels), dtype=torch.float64)
+    label_freq = ckpt["config"].get("label_freq", [1 / K] * K)  # older checkpoints: uniform
+    return -torch.tensor(label_freq, dtype=torch.float64)[labels].log()
 
 
 def padded_region(dataset, shape):  # the pixels of the original image: 28 x 28 digits padded to 32
