@@ -1095,9 +1095,8 @@ def sample(args):
     ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)  # no --ckpt: the shipped model
     run = ckpt["config"]["train"]
     sched = make_schedule(run["schedule"], run["T"])
-    steps = (
-        args.steps or dict(ddpm=sched.T, ddim=min(50, sched.T), dpm=min(20, sched.T))[args.sampler]
-    )
+    default_steps = {"ddpm": sched.T, "ddim": min(50, sched.T), "dpm": min(20, sched.T)}
+    steps = args.steps or default_steps[args.sampler]
     if steps > sched.T:
         raise UserError(f"--steps {steps}: the samplers take 1..T = 1..{sched.T} steps")
     if args.sigma2 != "beta_tilde" and args.sampler != "ddpm":
@@ -1107,11 +1106,11 @@ def sample(args):
     n = args.n if y is None else len(y)
     shape = (n, *ckpt["config"]["data_shape"])
     clip = args.clip and len(shape) > 2  # images lie in [-1, 1]; points do not
-    respacing = steps if args.sampler == "ddpm" and steps < sched.T else None  # Algorithm 2 on
-    y = y if y is None else y.to(device)  # DDIM's sub-sequence
-    sub, eps_model = sampling_eps_model(
-        model, sched, y, w, t_range, clip, respacing, Progress(n * steps)
-    )
+    # Algorithm 2 with S < T steps runs on DDIM's sub-sequence, a schedule of its own
+    respacing = steps if args.sampler == "ddpm" and steps < sched.T else None
+    y = y if y is None else y.to(device)
+    progress = Progress(n * steps)  # images through the network
+    sub, eps_model = sampling_eps_model(model, sched, y, w, t_range, clip, respacing, progress)
     gen = torch.Generator(device).manual_seed(args.seed)
     gif = args.out.lower().endswith(".gif")
     t0 = time.time()
@@ -1127,11 +1126,9 @@ def sample(args):
     if run["dataset"] == "swissroll":  # how near the data, and what "near" means at this n
         gen_cpu = torch.Generator().manual_seed(args.seed)
         fresh, fresh2 = make_swissroll(2 * n, gen_cpu).split(n)
-        near, fresh_near = (
-            sliced_wasserstein(x.cpu(), fresh, gen_cpu),
-            sliced_wasserstein(fresh2, fresh, gen_cpu),
-        )
-        print(f"sliced W2 to fresh data {near:.4f} (two fresh sets: {fresh_near:.4f})")
+        near = sliced_wasserstein(x.cpu(), fresh, gen_cpu)
+        floor = sliced_wasserstein(fresh2, fresh, gen_cpu)
+        print(f"sliced W2 to fresh data {near:.4f} (two fresh sets: {floor:.4f})")
     where = f"checkpoint {args.ckpt or 'shipped in samples/'} at step {ckpt['step']}"
     done = f"{args.sampler} with {steps} steps, {time.time() - t0:.1f}s, {precision}"
     print(f"wrote {args.out}: {n} samples, {done} ({where})")
