@@ -1157,6 +1157,7 @@ NOT_NAN = (lambda v: not math.isnan(v), "numbers, not nan")
 BOOL = {"action": argparse.BooleanOptionalAction}
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 # the helps too long for a row
+RESUME_HELP = "continue this checkpoint's run (model, data, lr...)"
 COND_HELP = "class-conditional, for classifier-free guidance; None: if the data has labels"
 STEPS_HELP = "network calls; None: T for ddpm, 50 for ddim, 20 for dpm; ddpm with S < T: "
 STEPS_HELP += "Algorithm 2 on DDIM's sub-sequence of S steps"
@@ -1184,7 +1185,7 @@ TRAIN_FLAGS = SYSTEM_FLAGS + [
     ("--cond", BOOL, None, None, COND_HELP),
     ("--p-uncond", float, 0.1, PROBABILITY, "with --cond: how often the label is dropped"),
     ("--out", str, "ckpt.pt", None, "checkpoint path"),
-    ("--resume", {"metavar": "PATH"}, None, None, "continue this checkpoint's run (model, lr...)"),
+    ("--resume", {"metavar": "PATH"}, None, None, RESUME_HELP),
     ("--save-every", int, None, AT_LEAST_1, "steps between checkpoints; None: once per epoch"),
     ("--sample-every", int, 0, AT_LEAST_0, "steps between EMA preview grids; 0: none"),
     # model and schedule
