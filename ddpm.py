@@ -142,7 +142,7 @@ class EMA:
             e.lerp_(p, 1 - d)  # e = d * e + (1 - d) * p
 
 
-def make_optimizer(model, lr):  # Ho et al.: Adam. AdamW's default weight decay, kept: see README
+def make_optimizer(model, lr):  # Ho et al.: Adam. AdamW's default decay: a deviation, measured
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
 
@@ -183,7 +183,7 @@ def sigma2_choice(sched, sigma2):
     """sigma_t^2 of Section 3.2: "beta" (beta_t, at every t: sigma_1^2 = beta_1) or "beta_tilde"
     (beta_tilde_t, but sigma_1^2 = beta_tilde_2, as Ho et al.'s code clips it: beta_tilde_1 = 0
     would make L_0 a decoder without noise, whose bucket probability is 0 or 1). Ho et al.'s code
-    also takes beta_tilde_2 at t = 1 under beta; the README gives that bound beside this one's."""
+    also takes beta_tilde_2 at t = 1 under beta; experiments/nll.py gives that bound beside this."""
     if sigma2 == "beta":
         return sched.beta
     var = sched.beta_tilde.clone()

@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ddpm  # noqa: E402
 
-FP32_WHY = "fp32; bf16 measured 1.8x faster, no worse at S = 10, 50 (samples/README.md)"
+FP32_WHY = "fp32; bf16 measured 1.8x faster, no worse at S = 10, 50 (experiments/README.md)"
 
 
 def system_flags(precision_why=FP32_WHY, seed=True):  # the rows of ddpm's flag table all share
