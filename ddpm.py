@@ -596,11 +596,12 @@ def sampling_eps_model(
     def eps_model(xt, t):
         if tau is not None:  # respacing
             t = tau.to(t.device)[t]
-        y_t = torch.full_like(t, no_label) if y is None else y  # labels
+        none = torch.full_like(t, no_label)
+        y_t = none if y is None else y  # labels
         w_t = ((t_range[0] <= t) & (t <= t_range[1])).to(xt.dtype) * w  # guidance
         w_t = w_t.view(-1, *[1] * (xt.dim() - 1))
         if w_t.any():  # both predictions from one batched call
-            both = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_t, 0 * y_t + no_label]))
+            both = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_t, none]))
             eps_y, eps_none = both.to(xt.dtype).chunk(2)
             eps = (1 + w_t) * eps_y - w_t * eps_none
         else:  # the conditional prediction alone: one call of B, not 2B
