@@ -199,11 +199,12 @@ def normal_kl(mean1, var1, mean2, var2):  # KL(N(mean1, var1) || N(mean2, var2))
 def bucket_probability(x0, mean, sigma):
     """p_theta(x_0 | x_1) per dimension, eq. (13): N(mean, sigma^2) integrated over x_0's bucket,
     x_0 +- 1/255 (x_0 one of the 256 pixel values, scaled to [-1, 1]); the first bucket reaches
-    down to -inf and the last up to +inf, so the 256 probabilities sum to 1. float64, and taken on
-    the side of the mean where the normal CDF is small, so a far bucket keeps its digits."""
+    down to -inf and the last up to +inf (+-1e3: the same probabilities, and finite gradients for a
+    learned sigma), so the 256 sum to 1. float64, and taken on the side of the mean where the normal
+    CDF is small, so a far bucket keeps its digits."""
     x0, mean = x0.double(), mean.double()
-    upper = torch.where(x0 > 1 - 1 / 255, math.inf, x0 + 1 / 255)
-    lower = torch.where(x0 < -1 + 1 / 255, -math.inf, x0 - 1 / 255)
+    upper = torch.where(x0 > 1 - 1 / 255, 1e3, x0 + 1 / 255)
+    lower = torch.where(x0 < -1 + 1 / 255, -1e3, x0 - 1 / 255)
     Phi = torch.special.ndtr
     above = Phi((mean - lower) / sigma) - Phi((mean - upper) / sigma)  # for buckets above the mean
     below = Phi((upper - mean) / sigma) - Phi((lower - mean) / sigma)
