@@ -1817,10 +1817,10 @@ def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_trainin
         return dict(calls)
 
     monkeypatch.setattr(ddpm.UNet, "forward", recording)
-    args = ["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "20", "--n", "300"]
+    args = ["sample", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "20", "--n", "100"]
     assert ddpm.main(args + ["--out", str(tmp_path / "u.npz")]) == 0  # T = 20: every t, 20..1
     y = seen()[1]
-    assert len(y) == 300 and y.max() < 10 and len(y.unique()) == 10  # never "no label"
+    assert len(y) == 100 and y.max() < 10 and len(y.unique()) == 10  # never "no label"
     # guided (each label next to "no label", one call) for 0.3 T <= t <= 0.6 T, T = 20: 6..12
     y_none = torch.cat([y, torch.full_like(y, 10)])
     assert all(torch.equal(y_t, y_none if 6 <= t <= 12 else y) for t, y_t in seen().items())
