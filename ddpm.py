@@ -558,6 +558,7 @@ def drop_labels(y, p, n_classes, generator):
 # of t (samples/README.md, "Why guidance": more confident digits, for 15 double batches of 50 calls)
 UNCOND_W = 0.25
 UNCOND_T = (0.3, 0.6)  # t_lo / T, t_hi / T
+UNGUIDED = (None, 0.0, (0, math.inf))  # (labels, w, t_range) of the "no label" prediction alone
 
 
 def draw_labels(label_freq, n, generator):
@@ -849,8 +850,12 @@ class Progress:
     `train` counts its steps; `sample` and the experiments, images through the network."""
 
     def __init__(self, total, done=0, unit=None, per_step=1, log=print, name="images"):
-        self.total, self.k, self.k_last, self.name, self.log = total, done, done, name, log
-        self.unit, self.per_step = unit, per_step  # a rate of per_step units ("img") a step
+        self.total = total
+        self.k = self.k_last = done
+        self.name = name
+        self.log = log
+        self.unit = unit  # e.g. "img": a rate of per_step units a step; None: no rate
+        self.per_step = per_step
         self.t0 = self.t_last = time.time()
         self.printed = False
 
@@ -867,7 +872,9 @@ class Progress:
         self.log(
             " | ".join([f"{self.name} {self.k}/{self.total}", *fields, *rate, *times]), flush=True
         )
-        self.t_last, self.k_last, self.printed = now, self.k, True
+        self.t_last = now
+        self.k_last = self.k
+        self.printed = True
 
 
 # --- The training loop ----------------------------------------------------------------------------
@@ -942,7 +949,9 @@ def build_run(args):
     config = dict(model=model.config, data_shape=list(data.shape[1:]), train=dict(vars(args)))
     config["label_freq"] = label_freq  # p(y), for unconditional samples from a conditional net
     sched = make_schedule(args.schedule, args.T)
-    data, labels, step = data.to(device), labels.to(device), ckpt["step"] if ckpt else 0
+    step = ckpt["step"] if ckpt else 0
+    data = data.to(device)
+    labels = labels.to(device)
     fields = args, rank, world, device, data, labels, sched, model, net, ema, opt, amp, scaler
     return Run(*fields, config, step)
 
@@ -1026,7 +1035,7 @@ def save_preview(run):
     `sample` draws without --class: the run's progress at a glance, next to its checkpoint."""
     images = run.data.dim() > 2
     n = 16 if images else 2000
-    y, w, t_range = None, 0.0, (0, math.inf)
+    y, w, t_range = UNGUIDED
     if run.model.config.get("n_classes"):  # labels drawn from p(y), not "no label"
         y, w, t_range = unconditional_labels(run.config["label_freq"], n, 0, run.sched.T)
         y = y.to(run.device)
@@ -1081,7 +1090,7 @@ def sample_labels(args, label_freq, K, T):
         y = class_labels(args.cls, args.n, K)
         w = 3.0 if args.guidance is None else args.guidance
         return y, w, args.guidance_t or (0, T)
-    return None, 0.0, (0, math.inf)
+    return UNGUIDED
 
 
 def sample(args):

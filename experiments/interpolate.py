@@ -81,7 +81,7 @@ def random_rows(model, ckpt, sched, steps, lam, args, gen, progress):  # slerps 
     z0 = torch.randn(args.rows, *shape, generator=gen, device=gen.device)
     z1 = torch.randn(args.rows, *shape, generator=gen, device=gen.device)
     z = ddpm.slerp(z0.repeat_interleave(L, 0), z1.repeat_interleave(L, 0), lam.repeat(args.rows, 1))
-    y, w, t_range = None, 0.0, (0, float("inf"))
+    y, w, t_range = ddpm.UNGUIDED
     if model.config["n_classes"]:  # one label a row, drawn and guided as `sample` does
         label_freq = ckpt["config"].get("label_freq")
         y, w, t_range = ddpm.unconditional_labels(label_freq, args.rows, args.seed, sched.T)
