@@ -869,9 +869,8 @@ class Progress:
         rate = [f"{per_second * self.per_step:.0f} {self.unit}/s"] if self.unit else []
         eta = (self.total - self.k) / per_second
         times = [f"elapsed {hms(now - self.t0)}", f"eta {hms(eta)}"]
-        self.log(
-            " | ".join([f"{self.name} {self.k}/{self.total}", *fields, *rate, *times]), flush=True
-        )
+        line = [f"{self.name} {self.k}/{self.total}", *fields, *rate, *times]
+        self.log(" | ".join(line), flush=True)
         self.t_last = now
         self.k_last = self.k
         self.printed = True
