@@ -146,17 +146,18 @@ def make_optimizer(model, lr):  # Ho et al.: Adam. AdamW's default decay: a devi
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
 
-NO_AUTOCAST = contextlib.nullcontext()
-NO_LOSS_SCALING = torch.amp.GradScaler("cpu", enabled=False)
+NO_AMP = contextlib.nullcontext()
+NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)
 
 
 def train_step(
-    net, ema, opt, x0, sched, generator=None, y=None, amp=NO_AUTOCAST, scaler=NO_LOSS_SCALING
+    net, ema, opt, x0, sched, generator=None, y=None, amp=NO_AMP, scaler=NO_SCALING, loss_fn=loss_fn
 ):
     """Algorithm 1, lines 2-5, once, then the EMA update: the loss, or None if the step was skipped.
     Additions to the paper: gradient-norm clipping at 1 (as Ho et al.'s released code), the network
     under autocast `amp` (bf16/fp16), fp16 loss scaling by `scaler`, and a skip instead of an update
-    when the loss or gradient is not finite, so no NaN ever reaches the weights. y: class labels."""
+    when the loss or gradient is not finite, so no NaN ever reaches the weights. y: class labels;
+    loss_fn: L_simple, or another of loss_fn's signature (experiments/table2.py's objectives)."""
     with amp:
         loss = loss_fn(lambda xt, t: net(xt, t, y), x0, sched, generator)
     opt.zero_grad(set_to_none=True)
@@ -419,11 +420,14 @@ class Attention(nn.Module):  # single-head self-attention over all H * W positio
 class UNet(nn.Module):
     """eps_theta(x_t, t, y). Level i = 1..L has width ch * ch_mult[i-1] at resolution H / 2^(i-1),
     so H and W must divide by 2^(L-1). y: class labels for classifier-free guidance (see there);
-    label n_classes means "no label", the only one an unconditional net (n_classes = 0) has."""
+    label n_classes means "no label", the only one an unconditional net (n_classes = 0) has.
+    out_ch: in_ch (eps), or more for experiments/table2.py's learned variances."""
 
-    def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2, n_classes=0):
+    def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2, n_classes=0, out_ch=None):
         super().__init__()
-        self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res, n_classes=n_classes)
+        self.config = dict(
+            ch=ch, ch_mult=[*ch_mult], n_res=n_res, n_classes=n_classes, out_ch=out_ch
+        )
         t_dim = 4 * ch
         widths = [ch * m for m in ch_mult]
         self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
@@ -448,7 +452,7 @@ class UNet(nn.Module):
             self.upsample.append(double if i > 1 else nn.Identity())
             c = w
         self.norm_out = norm(c)
-        self.conv_out = nn.Conv2d(c, in_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, out_ch or in_ch, 3, padding=1)
 
     def forward(self, x, t, y=None):
         if y is None:
@@ -494,10 +498,10 @@ class MLP(nn.Module):  # eps_theta for 2-D points (the swiss roll): residual blo
 
 
 # (dim,): the MLP; (C, H, W): U-Net
-def make_net(shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0):
+def make_net(shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0, out_ch=None):
     if len(shape) == 1:
         return MLP(shape[0], ch, n_res)
-    return UNet(shape[0], ch, ch_mult, n_res, n_classes)
+    return UNet(shape[0], ch, ch_mult, n_res, n_classes, out_ch)
 
 
 # ==================================== Beyond the papers ====================================
@@ -901,11 +905,13 @@ class Run:
     scaler: torch.amp.GradScaler  # fp16 loss scaling; a no-op otherwise
     config: dict  # what load_checkpoint and sample need to rebuild the network and draw from it
     step: int  # optimizer steps taken
+    loss_fn: callable  # L_simple (loss_fn), or one of experiments/table2.py's objectives
 
 
-def train(args):
-    """Algorithm 1 with its machinery: build the run, take its steps, save; the exit code."""
-    run = build_run(args)
+def train(args, out_ch=None, loss_fn=loss_fn):
+    """Algorithm 1 with its machinery: build the run, take its steps, save; the exit code.
+    out_ch and loss_fn: the hooks of experiments/table2.py (make_net's, train_step's)."""
+    run = build_run(args, out_ch, loss_fn)
     stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
     signals = (signal.SIGINT, signal.SIGTERM)
     handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in signals}
@@ -917,7 +923,7 @@ def train(args):
     return finish_run(run, stop)
 
 
-def build_run(args):
+def build_run(args, out_ch=None, loss_fn=loss_fn):
     """The run from the flags, or continued from the checkpoint that --resume names."""
     device, args.precision = pick_device(args.device, args.precision)
     rank, world, device = start_processes(device)
@@ -930,7 +936,8 @@ def build_run(args):
     args.batch_size = args.batch_size or (32 if images else 128)
     args.lr = args.lr or (1e-3 if images else 2e-3)
     torch.manual_seed(args.seed)  # the initial weights, the same on every rank
-    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, K).to(device).train()
+    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, K, out_ch)
+    model = model.to(device).train()
     ema = EMA(model, args.ema_decay)
     opt = make_optimizer(model, args.lr)
     if ckpt:
@@ -952,7 +959,7 @@ def build_run(args):
     data = data.to(device)
     labels = labels.to(device)
     fields = args, rank, world, device, data, labels, sched, model, net, ema, opt, amp, scaler
-    return Run(*fields, config, step)
+    return Run(*fields, config, step, loss_fn)
 
 
 def resume_checkpoint(args, device):
@@ -1008,7 +1015,8 @@ def train_loop(run, stop):
         # this step's draws (labels dropped, flips, t, eps), the same after a resume
         gen = torch.Generator(run.device).manual_seed(hash((args.seed, run.step, run.rank)))
         x0, y = training_batch(run, shard(perm, i, B, run.rank, run.world), gen)
-        loss = train_step(run.net, run.ema, run.opt, x0, run.sched, gen, y, run.amp, run.scaler)
+        step_args = run.net, run.ema, run.opt, x0, run.sched, gen, y, run.amp, run.scaler
+        loss = train_step(*step_args, run.loss_fn)
         if loss is not None:
             smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
         run.step += 1

@@ -20,7 +20,11 @@ Objectives, each a per-image loss in nats per dimension:
         arXiv:2303.09556, for eps-prediction), SNR_t = alpha_bar_t / (1 - alpha_bar_t).
 """
 
-import common  # noqa: F401  (makes ddpm importable)
+import argparse
+import math
+
+import common
+import nll
 import torch
 
 import ddpm
@@ -117,17 +121,206 @@ def loss(objective, out, x0, xt, t, eps, weight, sched, param, sigma):
     return simple + HYBRID_LAM * sched.T * per_dim(vlb)
 
 
-CELLS = {  # Table 2's rows (param, sigma, objective), then the two beyond the paper
-    "mu, L, learned Sigma": ("mu", "learned", "L"),
-    "mu, L, fixed isotropic Sigma": ("mu", "beta", "L"),
-    "mu, ||mu_tilde - mu_theta||^2": ("mu", "beta", "mse_mu"),
-    "eps, L, learned Sigma": ("eps", "learned", "L"),
-    "eps, L, fixed isotropic Sigma": ("eps", "beta", "L"),
-    "eps, L_simple": ("eps", "beta", "simple"),
-    "eps, L_hybrid, v-interpolated Sigma": ("eps", "v", "hybrid"),
-    "eps, Min-SNR-5 L_simple": ("eps", "beta", "min_snr"),
+CELLS = {  # --cell: (param, sigma, objective, Table 2's row); the last two are beyond the paper
+    "mu_L_learned": ("mu", "learned", "L", "mu_tilde, L, learned diagonal Sigma"),
+    "mu_L_fixed": ("mu", "beta", "L", "mu_tilde, L, fixed isotropic Sigma"),
+    "mu_mse": ("mu", "beta", "mse_mu", "mu_tilde, ||mu_tilde - mu_tilde_theta||^2"),
+    "eps_L_learned": ("eps", "learned", "L", "eps, L, learned diagonal Sigma"),
+    "eps_L_fixed": ("eps", "beta", "L", "eps, L, fixed isotropic Sigma"),
+    "eps_simple": ("eps", "beta", "simple", "eps, L_simple (the paper's and ddpm.py's)"),
+    "eps_hybrid_v": ("eps", "v", "hybrid", "eps, L_hybrid, v-interpolated Sigma (Nichol 2021)"),
+    "eps_min_snr": ("eps", "beta", "min_snr", "eps, Min-SNR-5 L_simple (Hang et al. 2023)"),
 }
 
 
 def out_channels(sigma, C):  # the network's output channels for a sigma choice
     return 2 * C if sigma in ("learned", "v") else C
+
+
+def cell_loss(param, sigma, objective):
+    """The objective as a loss of ddpm.loss_fn's signature, for ddpm.train_step: t from draw_t,
+    then x_t, the network's output and the batch's mean loss, in fp32."""
+
+    def loss_fn(model, x0, sched, generator=None):
+        t, weight = draw_t(objective, len(x0), sched.T, generator)
+        t = t.to(x0.device)
+        weight = weight.to(x0.device)
+        eps = ddpm.noise_like(x0, generator)
+        xt = ddpm.q_sample(x0, t, eps, sched)
+        out = model(xt, t).float()
+        return loss(objective, out, x0, xt, t, eps, weight, sched, param, sigma).mean()
+
+    return loss_fn
+
+
+# --- The grid's commands: train a cell, sample it, bound it -------------------------------------
+def train(args):
+    """ddpm.py's `train` with the cell's output channels and objective; --resume takes the cell
+    from its checkpoint, as ddpm.py takes the run's other definitions."""
+    if args.resume:
+        args.cell = ddpm.load_checkpoint(args.resume, "cpu")[0]["config"]["train"].get("cell")
+        if args.cell not in CELLS:
+            raise ddpm.UserError(f"--resume {args.resume}: not a table2.py checkpoint")
+    param, sigma, objective, _ = CELLS[args.cell]
+    out_ch = out_channels(sigma, 3 if args.dataset == "cifar10" else 1)
+    return ddpm.train(args, out_ch, cell_loss(param, sigma, objective))
+
+
+def load(args):  # (device, precision, checkpoint, EMA network, schedule, its cell's param, sigma)
+    device, precision, ckpt, model, run, sched = common.load(args)
+    if run.get("cell") not in CELLS:
+        raise ddpm.UserError(f"--ckpt {args.ckpt}: not a table2.py checkpoint (no --cell)")
+    param, sigma, _, _ = CELLS[run["cell"]]
+    return device, precision, ckpt, model, sched, param, sigma
+
+
+def step_variance(var, t, i, sched, sub):
+    """A variance of sched's step t, carried to step i of the respaced schedule sub: by its place
+    v between log beta_tilde_t and log beta_t, clamped to [0, 1], set between sub's beta_tilde_i
+    and beta_i (for sigma "v" this is Nichol & Dhariwal's respacing; beta stays beta, beta_tilde
+    stays beta_tilde; with sub = sched, any var in [beta_tilde_t, beta_t] is itself)."""
+    ends = [ddpm.sigma2_choice(s, "beta_tilde") for s in (sched, sub)]
+    lo, hi = ddpm.gather(ends[0], t, var).log(), ddpm.gather(sched.beta, t, var).log()
+    v = ((var.log() - lo) / (hi - lo)).clamp(0, 1).nan_to_num(1.0)
+    lo, hi = ddpm.gather(ends[1], i, var).log(), ddpm.gather(sub.beta, i, var).log()
+    return (v * hi + (1 - v) * lo).exp()
+
+
+@torch.inference_mode()
+def sample_cell(net, sched, shape, generator, param, sigma, steps=None, progress=None):
+    """Algorithm 2 with the cell's p_theta(x_{t-1} | x_t) = N(mean, var), on `steps` of the
+    sub-sequence of ddpm.respace (None: all T): the mean is eq. (11) on the respaced schedule from
+    the cell's eps, the variance the cell's, carried over by step_variance. No noise at t = 1."""
+    sub, tau = ddpm.respace(sched, steps) if steps else (sched, torch.arange(sched.T + 1))
+    x = ddpm.initial_noise(shape, generator)
+    for step in range(sub.T, 0, -1):
+        i = torch.full((shape[0],), step, dtype=torch.long, device=x.device)
+        t = tau.to(x.device)[i]
+        out = net(x, t).to(x.dtype)
+        _, var, eps = reverse_process(out, x, t, sched, param, sigma)
+        mean = mean_from_eps(eps, x, i, sub)
+        z = ddpm.noise_like(x, generator) if step > 1 else 0
+        x = mean + step_variance(var, t, i, sched, sub).sqrt() * z
+        if progress:
+            progress.tick(steps=len(x))
+    return x
+
+
+def sample(args):
+    device, precision, ckpt, model, sched, param, sigma = load(args)
+    common.check_steps([args.steps], sched.T)
+    if not args.out.endswith((".png", ".npz")):
+        raise ddpm.UserError(f"--out {args.out}: a .png grid or an .npz of uint8 images")
+    ddpm.check_writable(args.out)
+    if sigma in ddpm.SIGMA2:  # a fixed Sigma: the sampling choice is free (its mean is the same)
+        sigma = args.sigma2
+    shape = (args.n, *ckpt["config"]["data_shape"])
+    progress = ddpm.Progress(args.n * (args.steps or sched.T))
+    xs = []
+    for b in range(0, args.n, args.batch_size):
+        gen = torch.Generator(device).manual_seed(hash((args.seed, b)))
+        part = (min(args.batch_size, args.n - b), *shape[1:])
+        with ddpm.autocast(device, precision):
+            xs.append(sample_cell(model, sched, part, gen, param, sigma, args.steps, progress))
+    ddpm.save_samples(args.out, torch.cat(xs).clamp(-1, 1))
+    print(f"wrote {args.out}: {args.n} samples of {ckpt['config']['train']['cell']}, {sigma}")
+    return 0
+
+
+@torch.inference_mode()
+def bound_pass(net, x0, sched, param, sigmas, k, generator):
+    """One estimate of eq. (5) for each image of x0 in nats per dimension, shaped (len(sigmas),
+    3, n, ...): L_T, sum_{t>=2} L_{t-1} from k draws of t (nll.draw_steps: t ~ t^-1.25, weighted
+    by 1 / (k q(t))), and L_0 with the cell's own sigma_1, all under each variance of sigmas."""
+    t, w = nll.draw_steps(sched.T, len(x0), k, generator)
+    w = w.to(x0.device).view(*t.shape, *[1] * (x0.dim() - 1))
+    t = t.to(x0.device)
+    terms = torch.zeros(len(sigmas), 3, *x0.shape, dtype=torch.float64, device=x0.device)
+    terms[:, 0] = ddpm.prior_kl(x0, sched)
+    first = torch.ones(len(x0), dtype=torch.long, device=x0.device)
+    for c, tc in enumerate([*t.T, first]):
+        xt = ddpm.q_sample(x0, tc, ddpm.noise_like(x0, generator), sched)
+        out = net(xt, tc).double()
+        xt = xt.double()
+        for s, sigma in enumerate(sigmas):
+            mean, var, _ = reverse_process(out, xt, tc, sched, param, sigma)
+            term = bound_term(x0.double(), xt, tc, mean, var, sched)
+            if c < k:
+                terms[s, 1] += w[:, c] * term
+            else:
+                terms[s, 2] = term
+    return terms
+
+
+def bound(args):
+    """The bound on --n test images, bits per 32 x 32 dimension and per 28 x 28 pixel."""
+    device, precision, ckpt, model, sched, param, sigma = load(args)
+    run = ckpt["config"]["train"]
+    common.check_test_split(run, "bound")
+    data, _ = ddpm.load_data(run["dataset"], args.data_dir, train=False)
+    n = min(args.n or len(data), len(data))
+    sigmas = ddpm.SIGMA2 if sigma in ddpm.SIGMA2 else (sigma,)
+    region = nll.padded_region(run["dataset"], data.shape[1:])
+    progress = ddpm.Progress(n * (args.t_draws + 1))
+    bits = []  # per batch: (sigmas, 3 terms, 2 regions, B) bits
+    for b in range(0, n, args.batch_size):
+        x0 = ddpm.to_model_range(data[b : min(b + args.batch_size, n)].to(device))
+        gen = torch.Generator(device).manual_seed(hash((args.seed, b)))
+        with ddpm.autocast(device, precision):
+            terms = bound_pass(model, x0, sched, param, sigmas, args.t_draws, gen)
+        bits.append(torch.stack([terms.flatten(3).sum(3), terms[..., region].sum(3)], 2))
+        progress.tick(steps=len(x0) * (args.t_draws + 1))
+    bits = torch.cat(bits, -1).cpu() / math.log(2)
+    print(f"bound: {common.where(args, ckpt, run, n)}, cell {run['cell']}, {args.t_draws} t")
+    D, D_image = data[0].numel(), int(region.sum())  # the padding is deterministic: the same bits
+    for dims, what in [(D, "dimension"), (D_image, "pixel of the original image")][
+        : 1 + (D > D_image)
+    ]:
+        print(f"bits per {what} ({dims}; eq. 5, +- 1 standard error):")
+        for s, name in enumerate(sigmas):
+            total = bits[s, :, 0].sum(0) / dims
+            split = " / ".join(f"{x:.4f}" for x in (bits[s, :, 0].mean(1) / dims).tolist())
+            se = total.std() / math.sqrt(n)
+            print(
+                f"  Sigma {name:10} {total.mean():.4f} +- {se:.4f} | L_T / sum L_t-1 / L_0 {split}"
+            )
+    padding = (bits[0, :, 0] - bits[0, :, 1]).sum(0).mean()
+    print(f"the {D - D_image} padding pixels: {padding:.1f} bits an image (Sigma {sigmas[0]})")
+    return 0
+
+
+TRAIN_FLAGS = ddpm.TRAIN_FLAGS + [("--cell", list(CELLS), "eps_simple", None, "Table 2's cell")]
+CKPT = ("--ckpt", str, None, None, "a checkpoint written by this script's train")
+SAMPLE_FLAGS = ddpm.SYSTEM_FLAGS + [
+    CKPT,
+    ("--n", int, 1000, ddpm.AT_LEAST_1, "number of samples"),
+    ("--steps", int, 100, ddpm.AT_LEAST_1, "Algorithm 2 on S respaced steps; S = T: as printed"),
+    ("--sigma2", list(ddpm.SIGMA2), "beta_tilde", None, "for a cell with a fixed Sigma"),
+    ("--batch-size", int, 250, ddpm.AT_LEAST_1, "samples per batch"),
+    ("--out", str, "cell.npz", None, ".png grid or .npz uint8 images (experiments/quality.py)"),
+]
+BOUND_FLAGS = [CKPT if row[0] == "--ckpt" else row for row in common.system_flags(nll.BF16_WHY)]
+BOUND_FLAGS += [
+    ("--n", int, None, ddpm.AT_LEAST_1, "test images; None: the whole test split"),
+    ("--t-draws", int, 4, ddpm.AT_LEAST_1, "t drawn per image from q(t) ~ t^-1.25"),
+    ("--batch-size", int, 250, ddpm.AT_LEAST_1, "test images per batch"),
+]
+COMMANDS = {
+    "train": (train, "train a cell (ddpm.py train's flags, and --cell)", TRAIN_FLAGS),
+    "sample": (sample, "Algorithm 2 with the cell's mean and variance", SAMPLE_FLAGS),
+    "bound": (bound, "eq. (5) on the test split with the cell's variance", BOUND_FLAGS),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=ddpm.HELP)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, (_, what, rows) in COMMANDS.items():
+        ddpm.add_flags(sub.add_parser(name, help=what, formatter_class=ddpm.HELP), rows)
+    args = parser.parse_args(argv)
+    command, _, rows = COMMANDS[args.cmd]
+    return ddpm.run_command(command, args, rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,11 +4,13 @@ bound, L_hybrid's bound trains only the variance, and the Min-SNR weight."""
 
 import math
 
+import nll
+import numpy as np
 import table2
 import torch
 
 import ddpm
-from conftest import F64, gen, pixel_grid_image, toy_eps
+from conftest import F64, TINY, as_net, gen, pixel_grid_image, toy_eps, write_mnist
 
 
 def gaussian_x0_mean(mu, s, sched):  # E[x_0 | x_t] for data N(mu, s^2): linear in x_t
@@ -125,3 +127,93 @@ def test_the_min_snr_weight_is_min_of_snr_and_gamma_over_snr():
         (w * snr)[snr > 5], torch.tensor(5.0, dtype=F64)
     )
     assert (w[1:] >= w[:-1]).all() and 0 < (snr > 5).sum() < 1000
+
+
+# --- The driver: cells trained, sampled and bounded through ddpm.py's own parts -----------------
+def test_the_l_simple_cell_is_ddpm_s_loss_draw_for_draw():
+    """cell_loss of "eps, L_simple" is ddpm.loss_fn: the same t, eps and value from the same seed;
+    Min-SNR-5's differs from it wherever a t with SNR_t > 5 was drawn."""
+    s = ddpm.make_schedule("linear", 1000)
+    x0 = pixel_grid_image((8, 1, 4, 4), 9)
+    simple = table2.cell_loss("eps", "beta", "simple")(toy_eps, x0, s, gen(3))
+    assert torch.allclose(simple.double(), ddpm.loss_fn(toy_eps, x0, s, gen(3)).double(), rtol=1e-6)
+    min_snr = table2.cell_loss("eps", "beta", "min_snr")(toy_eps, x0, s, gen(3))
+    assert min_snr < 0.9 * simple
+
+
+def test_a_fixed_sigma_cell_samples_as_ddpm_s_algorithm_2_respaced_or_not():
+    """sample_cell with a fixed Sigma, on all T = 50 steps and respaced to 10, equals ddpm.py's
+    Algorithm 2 on the same schedule (sampling_eps_model's respacing) draw for draw, for sigma^2 =
+    beta and beta_tilde; a mu-network outputting eq. (11)'s mean of toy_eps samples the same."""
+    s = ddpm.make_schedule("linear", 50)
+
+    def mu_net(xt, t):  # the mean a mu-network would output for toy_eps on the full grid
+        return table2.mean_from_eps(toy_eps(xt, t), xt, t, s)
+
+    for steps, sigma in ((None, "beta_tilde"), (10, "beta_tilde"), (10, "beta")):
+        sub, eps_model = ddpm.sampling_eps_model(as_net(toy_eps), s, steps=steps)
+        expected = ddpm.sample_ddpm(eps_model, sub, (6, 1, 2, 2), gen(4), sigma)
+        for param, net in (("eps", toy_eps), ("mu", mu_net)):
+            x = table2.sample_cell(net, s, (6, 1, 2, 2), gen(4), param, sigma, steps)
+            assert torch.allclose(x.double(), expected.double(), atol=1e-5)
+
+
+def test_step_variance_keeps_a_learned_variance_and_carries_its_place_to_a_respaced_step():
+    """On the full grid a variance between beta_tilde_t and beta_t is itself; respaced, its place
+    v (log-linear) is kept between the respaced beta_tilde and beta; outside, it is clamped."""
+    s = ddpm.make_schedule("linear", 1000)
+    sub, tau = ddpm.respace(s, 10)
+    i = torch.tensor([2, 5, 9])
+    t = tau[i]
+    shape = (3, 1, 1, 1)
+    lo, hi = (ddpm.sigma2_choice(x, "beta_tilde") for x in (s, sub))
+    var = (0.3 * s.beta[t].log() + 0.7 * lo[t].log()).exp().view(shape)
+    assert torch.allclose(table2.step_variance(var, t, t, s, s), var, rtol=1e-9)
+    carried = (0.3 * sub.beta[i].log() + 0.7 * hi[i].log()).exp().view(shape)
+    assert torch.allclose(table2.step_variance(var, t, i, s, sub), carried, rtol=1e-6)
+    too_big = table2.step_variance(2 * s.beta[t].view(shape), t, i, s, sub)
+    assert torch.allclose(too_big, sub.beta[i].view(shape), rtol=1e-9)
+
+
+def test_the_cell_bound_agrees_with_nll_py_s_full_sum():
+    """table2.bound_pass (k = 4 draws of t, L_T and L_0) of an eps-cell with toy_eps against
+    nll.bound_pass over every t (another code path), 1,000 copies of one image, T = 100: the mean
+    bound under each fixed sigma^2 agrees within 5 standard errors."""
+    sched = ddpm.make_schedule("linear", 100)
+    x0 = pixel_grid_image((1, 1, 4, 4), 1).expand(1000, -1, -1, -1)
+    cheap = table2.bound_pass(toy_eps, x0, sched, "eps", ddpm.SIGMA2, 4, gen(0))
+    cheap = cheap.sum(1).flatten(2).sum(2)  # (2 sigma^2, n) nats
+    L_T, kl, l0, _ = nll.bound_pass(lambda i: toy_eps, x0, sched, None, gen(1))
+    full = (L_T + kl + l0).flatten(2).sum(2)
+    for a, b in zip(cheap, full):
+        se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+        assert abs(a.mean() - b.mean()) < 5 * se
+
+
+def test_table2_trains_resumes_samples_and_bounds_a_cell_or_fails_in_one_line(tmp_path, capsys):
+    """The command line: a tiny L_hybrid cell (two output channels) trains, resumes as its own cell,
+    samples a .npz, prints its bound; the checkpoint names its cell. A checkpoint of ddpm.py's own,
+    or --steps beyond T, is one line and exit code 2."""
+    write_mnist(tmp_path)
+    d, ckpt = str(tmp_path), str(tmp_path / "cell.pt")
+    train = ["train", "--data-dir", d, "--no-cond", "--out", ckpt, *TINY]
+    assert table2.main([*train, "--cell", "eps_hybrid_v", "--steps", "2"]) == 0
+    assert table2.main([*train, "--resume", ckpt, "--steps", "3"]) == 0
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 3 and state["config"]["train"]["cell"] == "eps_hybrid_v"
+    assert state["config"]["model"]["out_ch"] == 2
+    npz = str(tmp_path / "x.npz")
+    assert table2.main(["sample", "--ckpt", ckpt, "--n", "3", "--steps", "5", "--out", npz]) == 0
+    assert np.load(npz)["images"].shape == (3, 1, 32, 32)
+    assert table2.main(["bound", "--ckpt", ckpt, "--data-dir", d, "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Sigma v" in out and "pixel of the original image (784" in out
+    plain = str(tmp_path / "plain.pt")
+    assert ddpm.main(["train", "--data-dir", d, "--steps", "1", "--out", plain, *TINY]) == 0
+    for argv in (
+        ["bound", "--ckpt", plain, "--data-dir", d],
+        ["sample", "--ckpt", ckpt, "--steps", "21"],
+    ):
+        assert table2.main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
