@@ -154,10 +154,9 @@ def train_step(
     net, ema, opt, x0, sched, generator=None, y=None, amp=NO_AMP, scaler=NO_SCALING, loss_fn=loss_fn
 ):
     """Algorithm 1, lines 2-5, once, then the EMA update: the loss, or None if the step was skipped.
-    Additions to the paper: gradient-norm clipping at 1 (as Ho et al.'s released code), the network
-    under autocast `amp` (bf16/fp16), fp16 loss scaling by `scaler`, and a skip instead of an update
-    when the loss or gradient is not finite, so no NaN ever reaches the weights. y: class labels;
-    loss_fn: L_simple, or another of loss_fn's signature (experiments/table2.py's objectives)."""
+    Beyond the paper: gradient-norm clipping at 1 (as Ho et al.'s code), autocast `amp` (bf16/fp16),
+    fp16 loss scaling `scaler`, and a skip, not an update, when the loss or gradient is not finite:
+    no NaN reaches the weights. y: labels; loss_fn: L_simple, or experiments/table2.py's losses."""
     with amp:
         loss = loss_fn(lambda xt, t: net(xt, t, y), x0, sched, generator)
     opt.zero_grad(set_to_none=True)
@@ -369,9 +368,8 @@ def ddpm_mix(eps_model, sched, x0, x0_prime, lam, t, eps, generator=None):
 # Any R^n -> R^n model that also takes t works (the tests use closed-form ones). For images, a small
 # version of Ho et al.'s U-Net (Appendix B); for 2-D points, an MLP.
 def timestep_embedding(t, dim):
-    """Transformer sinusoids of the integer step t (Vaswani et al.), as Ho et al.'s. Frequencies
-    10000^(-i / half), i = 0..half-1; Ho et al.'s code divides by half - 1 where this one divides
-    by half (kept: the shipped weights were trained with it)."""
+    """Transformer sinusoids of the integer step t (Vaswani et al.), as Ho et al.'s: frequencies
+    10000^(-i / half), i < half, where their code divides by half - 1 (shipped weights: half)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]  # (B, half)
@@ -418,16 +416,14 @@ class Attention(nn.Module):  # single-head self-attention over all H * W positio
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y). Level i = 1..L has width ch * ch_mult[i-1] at resolution H / 2^(i-1),
-    so H and W must divide by 2^(L-1). y: class labels for classifier-free guidance (see there);
-    label n_classes means "no label", the only one an unconditional net (n_classes = 0) has.
-    out_ch: in_ch (eps), or more for experiments/table2.py's learned variances."""
+    """eps_theta(x_t, t, y): level i = 1..L has width ch * ch_mult[i-1] at resolution H / 2^(i-1)
+    (H, W divide by 2^(L-1)); out_ch: in_ch, or more (experiments/table2.py's variances). y: labels
+    for guidance; label n_classes is "no label", an unconditional net's (n_classes = 0) only one."""
 
     def __init__(self, in_ch=1, ch=64, ch_mult=(1, 2, 2), n_res=2, n_classes=0, out_ch=None):
         super().__init__()
-        self.config = dict(
-            ch=ch, ch_mult=[*ch_mult], n_res=n_res, n_classes=n_classes, out_ch=out_ch
-        )
+        self.config = dict(ch=ch, ch_mult=list(ch_mult), n_res=n_res, n_classes=n_classes)
+        self.config["out_ch"] = out_ch  # None: in_ch
         t_dim = 4 * ch
         widths = [ch * m for m in ch_mult]
         self.time_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
