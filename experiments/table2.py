@@ -1,6 +1,12 @@
-"""DDPM's Table 2 on MNIST, part one: the parameterisations and objectives it ablates, as functions
-of a network's output, with their tests (experiments/test_table2.py). The training grid and its
-command line come next (issue 29); nothing here is called by ddpm.py.
+"""DDPM's Table 2 on MNIST: each parameterisation and objective trained, sampled and bounded.
+
+ddpm.py's own parts do it: its train loop takes this file's losses and output channels.
+
+    python experiments/table2.py train --cell eps_hybrid_v --no-cond --steps 4102 --out c.pt
+    python experiments/table2.py sample --ckpt c.pt --precision bf16 --out c.npz  # quality.py
+    python experiments/table2.py bound --ckpt c.pt --data-dir ../shared/data --n 2000
+
+The grid, its commands and its results: experiments/README.md, "DDPM's Table 2 on MNIST".
 
 The reverse process p_theta(x_{t-1} | x_t) = N(mean, var), per dimension, from the network's output:
     param "eps": its first C channels are eps_theta, and the mean is eq. (11);
