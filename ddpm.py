@@ -1108,6 +1108,8 @@ def sample(args):
     check_writable(args.out)
     ckpt, model = load_checkpoint(args.ckpt or SHIPPED, device)  # no --ckpt: the shipped model
     run = ckpt["config"]["train"]
+    if "cell" in run:  # its output need not be eps
+        raise UserError(f"{args.ckpt}: a cell of experiments/table2.py, which samples it")
     sched = make_schedule(run["schedule"], run["T"])
     default_steps = {"ddpm": sched.T, "ddim": min(50, sched.T), "dpm": min(20, sched.T)}
     steps = args.steps or default_steps[args.sampler]

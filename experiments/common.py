@@ -34,11 +34,15 @@ def main(command, rows, argv=None):  # parse the flags, run the command: a UserE
     return ddpm.run_command(command, ddpm.add_flags(parser, rows).parse_args(argv), rows)
 
 
-def load(args):
-    """(device, precision, checkpoint, its EMA network, the flags it was trained with, schedule)."""
+def load(args, cell=False):
+    """(device, precision, checkpoint, its EMA network, the flags it was trained with, schedule).
+    A cell of table2.py (whose output need not be eps) only where cell is True, and then only it."""
     device, precision = ddpm.pick_device(args.device, args.precision)
     ckpt, model = ddpm.load_checkpoint(args.ckpt or ddpm.SHIPPED, device)
     run = ckpt["config"]["train"]
+    if ("cell" in run) != cell:
+        why = "table2.py measures it" if "cell" in run else "not a table2.py cell (no --cell)"
+        raise ddpm.UserError(f"--ckpt {args.ckpt or ddpm.SHIPPED}: {why}")
     return device, precision, ckpt, model, run, ddpm.make_schedule(run["schedule"], run["T"])
 
 

@@ -173,9 +173,7 @@ def train(args):
 
 
 def load(args):  # (device, precision, checkpoint, EMA network, schedule, its cell's param, sigma)
-    device, precision, ckpt, model, run, sched = common.load(args)
-    if run.get("cell") not in CELLS:
-        raise ddpm.UserError(f"--ckpt {args.ckpt}: not a table2.py checkpoint (no --cell)")
+    device, precision, ckpt, model, run, sched = common.load(args, cell=True)
     param, sigma, _, _ = CELLS[run["cell"]]
     return device, precision, ckpt, model, sched, param, sigma
 

@@ -192,8 +192,8 @@ def test_the_cell_bound_agrees_with_nll_py_s_full_sum():
 
 def test_table2_trains_resumes_samples_and_bounds_a_cell_or_fails_in_one_line(tmp_path, capsys):
     """The command line: a tiny L_hybrid cell (two output channels) trains, resumes as its own cell,
-    samples a .npz, prints its bound; the checkpoint names its cell. A checkpoint of ddpm.py's own,
-    or --steps beyond T, is one line and exit code 2."""
+    samples a .npz, prints its bound; the checkpoint names its cell. A checkpoint of ddpm.py's own
+    here, a cell given to ddpm.py sample or nll.py, --steps beyond T: one line and exit code 2."""
     write_mnist(tmp_path)
     d, ckpt = str(tmp_path), str(tmp_path / "cell.pt")
     train = ["train", "--data-dir", d, "--no-cond", "--out", ckpt, *TINY]
@@ -210,10 +210,13 @@ def test_table2_trains_resumes_samples_and_bounds_a_cell_or_fails_in_one_line(tm
     assert "Sigma v" in out and "pixel of the original image (784" in out
     plain = str(tmp_path / "plain.pt")
     assert ddpm.main(["train", "--data-dir", d, "--steps", "1", "--out", plain, *TINY]) == 0
-    for argv in (
-        ["bound", "--ckpt", plain, "--data-dir", d],
-        ["sample", "--ckpt", ckpt, "--steps", "21"],
+    keep = str(tmp_path / "keep.png")
+    for main, argv in (  # a plain checkpoint here, a cell elsewhere, steps beyond T
+        (table2.main, ["bound", "--ckpt", plain, "--data-dir", d]),
+        (table2.main, ["sample", "--ckpt", ckpt, "--steps", "21"]),
+        (ddpm.main, ["sample", "--ckpt", ckpt, "--out", keep]),
+        (nll.main, ["--ckpt", ckpt, "--data-dir", d]),
     ):
-        assert table2.main(argv) == 2
+        assert main(argv) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
