@@ -266,7 +266,7 @@ def bound(args):
     sigmas = ddpm.SIGMA2 if sigma in ddpm.SIGMA2 else (sigma,)
     region = nll.padded_region(run["dataset"], data.shape[1:])
     progress = ddpm.Progress(n * (args.t_draws + 1))
-    bits = []  # per batch: (sigmas, 3 terms, 2 regions, B) bits
+    bits = []  # per batch, (sigmas, 3 terms, 2, B) nats: over the whole image, over the region
     for b in range(0, n, args.batch_size):
         x0 = ddpm.to_model_range(data[b : min(b + args.batch_size, n)].to(device))
         gen = torch.Generator(device).manual_seed(hash((args.seed, b)))
@@ -277,9 +277,8 @@ def bound(args):
     bits = torch.cat(bits, -1).cpu() / math.log(2)
     print(f"bound: {common.where(args, ckpt, run, n)}, cell {run['cell']}, {args.t_draws} t")
     D, D_image = data[0].numel(), int(region.sum())  # the padding is deterministic: the same bits
-    for dims, what in [(D, "dimension"), (D_image, "pixel of the original image")][
-        : 1 + (D > D_image)
-    ]:
+    units = [(D, "dimension")] + [(D_image, "pixel of the original image")] * (D_image < D)
+    for dims, what in units:
         print(f"bits per {what} ({dims}; eq. 5, +- 1 standard error):")
         for s, name in enumerate(sigmas):
             total = bits[s, :, 0].sum(0) / dims
