@@ -341,7 +341,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_then_trains():
     torch.manual_seed(0)
     model, s = ddpm.UNet(1, ch=8, ch_mult=(1, 2), n_res=1), ddpm.make_schedule("linear", 100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
     before, x0 = [p.clone() for p in model.parameters()], torch.rand(8, 1, 16, 16) * 2 - 1
     losses = [
         ddpm.train_step(
@@ -355,7 +355,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_then_trains():
             ddpm.autocast(torch.device("cpu"), "fp16"),
             scaler,
         )
-        for i in range(40)
+        for i in range(20)
     ]
     skipped = losses.index(next(v for v in losses if v is not None))
     assert (
@@ -363,7 +363,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_then_trains():
         and all(v is None for v in losses[:skipped])
         and all(v is not None for v in losses[skipped:])
     )
-    assert scaler.get_scale() < 2.0**40
+    assert scaler.get_scale() < 2.0**30
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -1393,7 +1393,7 @@ def test_trained_samplers_land_on_the_roll_and_broken_ones_do_not(roll):
     """The classic bugs fail here: a network that ignores t, or sampling from the untrained
     network."""
     _, model = ddpm.load_checkpoint(roll[1], "cpu")
-    sched, n = ddpm.make_schedule("linear", 1000), 2000
+    sched, n = ddpm.make_schedule("linear", 1000), 1000
     fresh = ddpm.make_swissroll(n, gen(1))
 
     def sw(x):
@@ -1826,12 +1826,16 @@ def test_unconditional_samples_of_a_conditional_net_draw_labels_from_the_trainin
     # guided (each label next to "no label", one call) for 0.3 T <= t <= 0.6 T, T = 20: 6..12
     y_none = torch.cat([y, torch.full_like(y, 10)])
     assert all(torch.equal(y_t, y_none if 6 <= t <= 12 else y) for t, y_t in seen().items())
+    small = args[:-1] + ["20"]  # the rest checks which label each call gets: 20 samples do
     calls.clear()
-    assert ddpm.main(args + ["--class", "none", "--out", str(tmp_path / "n.npz")]) == 0
+    assert ddpm.main(small + ["--class", "none", "--out", str(tmp_path / "n.npz")]) == 0
     assert all((y_t == 10).all() for y_t in seen().values())
     for flags, guided_t in (("--guidance 0", []), ("--guidance 1 --guidance-t 2,19", range(2, 20))):
         calls.clear()
-        assert ddpm.main(args + flags.split() + ["--out", str(tmp_path / "g.npz")]) == 0
+        assert ddpm.main(small + flags.split() + ["--out", str(tmp_path / "g.npz")]) == 0
+        y = seen()[1]  # t = 1 is unguided here: the drawn labels
+        y_none = torch.cat([y, torch.full_like(y, 10)])
+        assert len(y) == 20 and y.max() < 10
         assert all(torch.equal(y_t, y_none if t in guided_t else y) for t, y_t in seen().items())
 
 
