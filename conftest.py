@@ -131,8 +131,8 @@ def trained(tmp_path_factory):  # 3 steps of a tiny conditional U-Net on tiny MN
 
 @pytest.fixture(scope="session")
 def roll(tmp_path_factory):
-    """A short run with the defaults (lr 2e-3, batch 128, T 1000): 3,000 of the 23,430 default
+    """A short run with the defaults (lr 2e-3, batch 128, T 1000): 2,000 of the 23,430 default
     steps."""
     d = tmp_path_factory.mktemp("roll")
-    assert cli(f"train --dataset swissroll --steps 3000 --out {d / 'roll.pt'}") == 0
+    assert cli(f"train --dataset swissroll --steps 2000 --out {d / 'roll.pt'}") == 0
     return d, str(d / "roll.pt")

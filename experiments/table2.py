@@ -127,7 +127,7 @@ def loss(objective, out, x0, xt, t, eps, weight, sched, param, sigma):
     return simple + HYBRID_LAM * sched.T * per_dim(vlb)
 
 
-CELLS = {  # --cell: (param, sigma, objective, Table 2's row); the last two are beyond the paper
+CELLS = {  # --cell: (param, sigma, objective, Table 2's row); the last three are beyond the paper
     "mu_L_learned": ("mu", "learned", "L", "mu_tilde, L, learned diagonal Sigma"),
     "mu_L_fixed": ("mu", "beta", "L", "mu_tilde, L, fixed isotropic Sigma"),
     "mu_mse": ("mu", "beta", "mse_mu", "mu_tilde, ||mu_tilde - mu_tilde_theta||^2"),
@@ -136,6 +136,7 @@ CELLS = {  # --cell: (param, sigma, objective, Table 2's row); the last two are 
     "eps_simple": ("eps", "beta", "simple", "eps, L_simple (the paper's and ddpm.py's)"),
     "eps_hybrid_v": ("eps", "v", "hybrid", "eps, L_hybrid, v-interpolated Sigma (Nichol 2021)"),
     "eps_min_snr": ("eps", "beta", "min_snr", "eps, Min-SNR-5 L_simple (Hang et al. 2023)"),
+    "eps_L_v": ("eps", "v", "L", "eps, L, v-interpolated Sigma (Nichol 2021's L_vlb)"),
 }
 
 
