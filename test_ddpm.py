@@ -1387,7 +1387,8 @@ def test_sliced_wasserstein_is_zero_on_itself_and_grows_with_a_shift():
 
 def test_trained_samplers_land_on_the_roll_and_broken_ones_do_not(roll):
     """The classic bugs fail here: a network that ignores t, or sampling from the untrained
-    network. Measured (sliced W2, 2,000 steps): good / floor at most 1.39, bad / good at least 4.0."""
+    network. Measured (sliced W2, 2,000 steps): good / floor at most 1.39, bad / good at least
+    4.0."""
     _, model = ddpm.load_checkpoint(roll[1], "cpu")
     sched, n = ddpm.make_schedule("linear", 1000), 1000
     fresh = ddpm.make_swissroll(n, gen(1))
