@@ -6,7 +6,6 @@ import os
 import struct
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -70,12 +69,6 @@ def as_net(eps_model, n_classes=0):
 
     net.config = {"n_classes": n_classes}
     return net
-
-
-def grid_cells(path, n):  # the n x n cells of a committed grid_image, as (n * n, 1, 32, 32) uint8
-    grid = torch.from_numpy(np.asarray(Image.open(path)).copy())
-    rows = [grid[2 + 34 * i : 34 + 34 * i] for i in range(n)]
-    return torch.stack([r[:, 2 + 34 * j : 34 + 34 * j] for r in rows for j in range(n)])[:, None]
 
 
 def pixel_grid_image(shape, seed):  # an image whose pixels are on the 8-bit grid, in [-1, 1]

@@ -92,7 +92,6 @@ from conftest import (
     cli,
     fails_in_one_line,
     gen,
-    grid_cells,
     oracle_eps,
     pixel_grid_image,
     spy_on_labels,
@@ -898,6 +897,12 @@ def reference_unet(sd, config, x, t, y):
         if k < levels - 1:
             h = conv(f"upsample.{k}.1", F.interpolate(h, scale_factor=2.0, mode="nearest"))
     return conv("conv_out", silu_norm("norm_out", h))
+
+
+def grid_cells(path, n):  # the n x n cells of a committed grid_image, as (n * n, 1, 32, 32) uint8
+    grid = torch.from_numpy(np.asarray(Image.open(path)).copy())
+    rows = [grid[2 + 34 * i : 34 + 34 * i] for i in range(n)]
+    return torch.stack([r[:, 2 + 34 * j : 34 + 34 * j] for r in rows for j in range(n)])[:, None]
 
 
 @pytest.mark.parametrize("config", ["shipped", "three channels, two levels, one block"])

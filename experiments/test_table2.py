@@ -223,7 +223,9 @@ def test_table2_trains_resumes_samples_and_bounds_a_cell_or_fails_in_one_line(tm
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_the_likelihood_model_beside_the_shipped_one_loads_as_its_cell_and_samples(tmp_path):
+def test_the_likelihood_model_beside_the_shipped_one_loads_as_its_cell_and_samples(
+    tmp_path, capsys
+):
     """samples/eps_L_v.pt (README's likelihood run: EMA weights in fp32, so that its bound on the
     test split reproduces exactly) is the eps_L_v cell at step 44,963, within the 8 MB budget, and
     table2.py samples from it; ddpm.py's own sample refuses it in one line."""
@@ -235,4 +237,7 @@ def test_the_likelihood_model_beside_the_shipped_one_loads_as_its_cell_and_sampl
     npz = str(tmp_path / "x.npz")
     assert table2.main(["sample", "--ckpt", path, "--n", "2", "--steps", "3", "--out", npz]) == 0
     assert np.load(npz)["images"].shape == (2, 1, 32, 32)
+    capsys.readouterr()
     assert ddpm.main(["sample", "--ckpt", path, "--n", "2", "--steps", "3", "--out", npz]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
