@@ -777,7 +777,12 @@ def has_native_bf16(device):  # CUDA with bf16, or a CPU with AVX512-BF16 (or AM
         return "avx512_bf16" in f.read()
 
 
-def check_device(name):  # --device as a torch.device this machine has, or one line saying why not
+# --device as a torch.device this machine has (auto: cuda, then mps, then cpu), or one line saying
+# why not; precision auto: bf16 where it is native, else fp16 on CUDA, fp32 elsewhere
+def pick_device(name, precision):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -788,20 +793,10 @@ def check_device(name):  # --device as a torch.device this machine has, or one l
         raise UserError(f"--device {name}: ddpm.py runs on auto, cpu, cuda, cuda:N or mps")
     if (device.index or 0) >= count:
         raise UserError(f"--device {name}: this machine has {count} {device.type} device(s)")
-    return device
-
-
-# auto: cuda, then mps, then cpu; bf16 where native, CUDA else fp16
-def pick_device(name, precision):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
-    device = check_device(name)
-    if precision != "auto":
-        return device, precision
-    if has_native_bf16(device):
-        return device, "bf16"
-    return device, "fp16" if device.type == "cuda" else "fp32"
+    if precision == "auto":
+        native = has_native_bf16(device)
+        precision = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
+    return device, precision
 
 
 # bf16/fp16 for matmuls and convolutions; weights and all else fp32
@@ -822,12 +817,6 @@ def start_processes(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
-
-
-# batch i of the epoch's order: rank r takes the r-th B of B * world
-def shard(perm, i, B, rank, world):
-    start = (i * world + rank) * B
-    return perm[start : start + B]
 
 
 # a stop asked of one process stops them all after the same step
@@ -882,32 +871,54 @@ RUN_KEYS = (
 )
 
 
-@dataclass
 class Run:
-    """One training run: what build_run makes and train_loop advances."""
+    """One training run, built from the flags or continued from the checkpoint --resume names:
+    what train_loop advances and save_checkpoint writes."""
 
-    args: argparse.Namespace  # the flags; on --resume, the run's own from its checkpoint
-    rank: int  # this process, of `world` (torchrun); rank 0 logs and saves
-    world: int
-    device: torch.device
-    data: torch.Tensor  # (N, C, H, W) uint8 images or (N, 2) points, on the device
-    labels: torch.Tensor  # (N,) class labels; all 0 ("no label") for an unconditional run
-    sched: Schedule
-    model: nn.Module
-    net: nn.Module  # what the step calls; with several processes, the wrapper averaging gradients
-    ema: EMA
-    opt: torch.optim.Optimizer
-    amp: contextlib.AbstractContextManager  # autocast in the run's precision
-    scaler: torch.amp.GradScaler  # fp16 loss scaling; a no-op otherwise
-    config: dict  # what load_checkpoint and sample need to rebuild the network and draw from it
-    step: int  # optimizer steps taken
-    loss_fn: callable  # L_simple (loss_fn), or one of experiments/table2.py's objectives
+    def __init__(self, args, out_ch=None, loss_fn=loss_fn):
+        device, args.precision = pick_device(args.device, args.precision)
+        self.rank, self.world, self.device = start_processes(device)  # rank 0 logs and saves
+        check_writable(args.out)
+        ckpt = resume_checkpoint(args, self.device) if args.resume else None
+        data, labels, K = training_data(args)
+        # not the paper's 2e-4 and 128 (35.7 M parameters, TPUs): at this size on a CPU more and
+        # larger steps win (samples/README.md, the recipe); points (a small MLP) take larger still
+        images = data.dim() > 2
+        args.batch_size = args.batch_size or (32 if images else 128)
+        args.lr = args.lr or (1e-3 if images else 2e-3)
+        self.args = args  # the flags; on --resume, the run's own from its checkpoint
+        torch.manual_seed(args.seed)  # the initial weights, the same on every rank
+        model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, K, out_ch)
+        self.model = model.to(self.device).train()
+        self.ema = EMA(self.model, args.ema_decay)
+        self.opt = make_optimizer(self.model, args.lr)
+        self.step = ckpt["step"] if ckpt else 0  # optimizer steps taken
+        if ckpt:
+            self.model.load_state_dict(ckpt["model"])
+            self.ema.model.load_state_dict(ckpt["ema"])
+            self.opt.load_state_dict(ckpt["opt"])
+            self.ema.n = ckpt["ema_n"]
+        self.net = self.model  # what the step calls
+        if self.world > 1:  # a wrapper that averages the gradients over the processes
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.amp = autocast(self.device, args.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
+        label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
+        shape = list(data.shape[1:])
+        # what load_checkpoint and sample need to rebuild the network and draw from it
+        self.config = dict(model=model.config, data_shape=shape, train=dict(vars(args)))
+        self.config["label_freq"] = label_freq  # p(y): unconditional samples of a conditional net
+        self.sched = make_schedule(args.schedule, args.T)
+        self.data = data.to(self.device)  # (N, C, H, W) uint8 images or (N, 2) points
+        self.labels = labels.to(self.device)  # (N,); all 0 ("no label") if unconditional
+        self.loss_fn = loss_fn  # L_simple, or one of experiments/table2.py's objectives
 
 
 def train(args, out_ch=None, loss_fn=loss_fn):
     """Algorithm 1 with its machinery: build the run, take its steps, save; the exit code.
     out_ch and loss_fn: the hooks of experiments/table2.py (make_net's, train_step's)."""
-    run = build_run(args, out_ch, loss_fn)
+    run = Run(args, out_ch, loss_fn)
     stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
     signals = (signal.SIGINT, signal.SIGTERM)
     handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in signals}
@@ -917,45 +928,6 @@ def train(args, out_ch=None, loss_fn=loss_fn):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     return finish_run(run, stop)
-
-
-def build_run(args, out_ch=None, loss_fn=loss_fn):
-    """The run from the flags, or continued from the checkpoint that --resume names."""
-    device, args.precision = pick_device(args.device, args.precision)
-    rank, world, device = start_processes(device)
-    check_writable(args.out)
-    ckpt = resume_checkpoint(args, device) if args.resume else None
-    data, labels, K = training_data(args)
-    # not the paper's 2e-4 and 128 (35.7 M parameters, TPUs): at this size on a CPU more and larger
-    # steps win (samples/README.md, the recipe); points (a small MLP) take larger ones still
-    images = data.dim() > 2
-    args.batch_size = args.batch_size or (32 if images else 128)
-    args.lr = args.lr or (1e-3 if images else 2e-3)
-    torch.manual_seed(args.seed)  # the initial weights, the same on every rank
-    model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, K, out_ch)
-    model = model.to(device).train()
-    ema = EMA(model, args.ema_decay)
-    opt = make_optimizer(model, args.lr)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        ema.n = ckpt["ema_n"]
-    net = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    amp = autocast(device, args.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 only
-    label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
-    config = dict(model=model.config, data_shape=list(data.shape[1:]), train=dict(vars(args)))
-    config["label_freq"] = label_freq  # p(y), for unconditional samples from a conditional net
-    sched = make_schedule(args.schedule, args.T)
-    step = ckpt["step"] if ckpt else 0
-    data = data.to(device)
-    labels = labels.to(device)
-    fields = args, rank, world, device, data, labels, sched, model, net, ema, opt, amp, scaler
-    return Run(*fields, config, step, loss_fn)
 
 
 def resume_checkpoint(args, device):
@@ -1010,7 +982,8 @@ def train_loop(run, stop):
             perm_epoch = epoch
         # this step's draws (labels dropped, flips, t, eps), the same after a resume
         gen = torch.Generator(run.device).manual_seed(hash((args.seed, run.step, run.rank)))
-        x0, y = training_batch(run, shard(perm, i, B, run.rank, run.world), gen)
+        idx = perm[(i * run.world + run.rank) * B :][:B]  # rank r: the r-th B of B * world
+        x0, y = training_batch(run, idx, gen)
         step_args = run.net, run.ema, run.opt, x0, run.sched, gen, y, run.amp, run.scaler
         loss = train_step(*step_args, run.loss_fn)
         if loss is not None:
