@@ -903,6 +903,7 @@ class Run:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.amp = autocast(self.device, args.precision)
+        # fp16 loss scaling, a no-op in the other precisions
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
         label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
         shape = list(data.shape[1:])
