@@ -60,17 +60,6 @@ def toy_eps(xt, t):
     return torch.tanh(xt) * (t.to(xt.dtype) / 1000).reshape(-1, *[1] * (xt.dim() - 1))
 
 
-def as_net(eps_model, n_classes=0):
-    """A closed-form eps_model(x_t, t) as a network net(x_t, t, y) that ignores y, as
-    ddpm.sampling_eps_model takes it."""
-
-    def net(xt, t, y=None):
-        return eps_model(xt, t)
-
-    net.config = {"n_classes": n_classes}
-    return net
-
-
 def pixel_grid_image(shape, seed):  # an image whose pixels are on the 8-bit grid, in [-1, 1]
     pixels = torch.randint(0, 256, shape, generator=gen(seed))
     pixels[..., 0, 0], pixels[..., 0, 1] = 0, 255  # both edge buckets occur

@@ -59,6 +59,17 @@ class Schedule:
     lam: torch.Tensor  # log(sqrt(alpha_bar) / sqrt(1 - alpha_bar)): DPM-Solver's time, lam[0] = inf
 
 
+def schedule_of(beta):  # every constant from beta_1..beta_T; index 0 is prepended: no noise
+    beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])
+    T = len(beta) - 1
+    alpha = 1 - beta
+    alpha_bar = torch.cumprod(alpha, 0)
+    beta_tilde = torch.zeros_like(beta)
+    beta_tilde[1:] = (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]  # eq. (7)
+    lam = 0.5 * (alpha_bar / (1 - alpha_bar)).log()
+    return Schedule(T, beta, alpha, alpha_bar, beta_tilde, lam)
+
+
 def make_schedule(kind, T):
     assert kind in ("linear", "cosine"), kind
     if kind == "linear":  # Ho et al.: 1e-4 .. 0.02 at T = 1000; x 1000/T keeps alpha_bar_T ~ e^-10
@@ -69,17 +80,6 @@ def make_schedule(kind, T):
         beta = 1 - f[1:] / f[:-1]
     beta = beta.clamp(max=0.999)  # no single step may erase x entirely
     return schedule_of(beta)
-
-
-def schedule_of(beta):  # every constant from beta_1..beta_T; index 0 is prepended: no noise
-    beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])
-    T = len(beta) - 1
-    alpha = 1 - beta
-    alpha_bar = torch.cumprod(alpha, 0)
-    beta_tilde = torch.zeros_like(beta)
-    beta_tilde[1:] = (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]  # eq. (7)
-    lam = 0.5 * (alpha_bar / (1 - alpha_bar)).log()
-    return Schedule(T, beta, alpha, alpha_bar, beta_tilde, lam)
 
 
 def gather(a, t, x):  # a[t] per sample, shaped (B, 1, ..., 1) to multiply x of any rank
@@ -106,6 +106,13 @@ def q_posterior(x0, xt, t, sched):
     alpha = gather(sched.alpha, t, xt)
     mean = alpha_bar_prev.sqrt() * beta * x0 + alpha.sqrt() * (1 - alpha_bar_prev) * xt
     return mean / (1 - alpha_bar), gather(sched.beta_tilde, t, xt)
+
+
+def p_mean(xt, t, eps, sched):
+    """The mean of p_theta(x_{t-1} | x_t) from eps_theta, eq. (11): q_posterior's mean at x_0 =
+    x0_hat, written in eps. Its coefficients are taken in float64, then cast to x's dtype."""
+    coef = gather(sched.beta / (1 - sched.alpha_bar).sqrt(), t, xt)
+    return (xt - coef * eps) / gather(sched.alpha.sqrt(), t, xt)
 
 
 # --- Algorithm 1: training, and the EMA of the weights that is sampled from -----------------------
@@ -146,32 +153,30 @@ def make_optimizer(model, lr):  # Ho et al.: Adam. AdamW's default decay: a devi
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
 
-NO_AMP = contextlib.nullcontext()
-NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)
-
-
-def train_step(
-    net, ema, opt, x0, sched, generator=None, y=None, amp=NO_AMP, scaler=NO_SCALING, loss_fn=loss_fn
-):
+def train_step(net, ema, opt, x0, sched, generator=None, y=None, objective=loss_fn, mixed=None):
     """Algorithm 1, lines 2-5, once, then the EMA update: the loss, or None if the step was skipped.
-    Beyond the paper: gradient-norm clipping at 1 (as Ho et al.'s code), autocast `amp` (bf16/fp16),
-    fp16 loss scaling `scaler`, and a skip, not an update, when the loss or gradient is not finite:
-    no NaN reaches the weights. y: labels; loss_fn: L_simple, or experiments/table2.py's losses."""
+    Beyond the paper: the gradient clipped to norm 1 (as Ho et al.'s code), and a skip, not an
+    update, when the loss or the gradient is not finite: no NaN reaches the weights. y: labels;
+    objective: L_simple, or one of experiments/table2.py's; mixed: (autocast, GradScaler) for
+    bf16/fp16 (fp16 scales the loss: its gradients would underflow); None: fp32."""
+    amp, scaler = mixed or (contextlib.nullcontext(), torch.amp.GradScaler(enabled=False))
     with amp:
-        loss = loss_fn(lambda xt, t: net(xt, t, y), x0, sched, generator)
+        loss = objective(lambda xt, t: net(xt, t, y), x0, sched, generator)  # lines 3-5's loss
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # the true gradient, for clipping
     grad_norm = nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        scaler.update()  # an fp16 overflow: a smaller loss scale next step
-        why = f"loss {loss.item()}, grad norm {grad_norm.item()}"
-        print(f"warning: {why}: step skipped", file=sys.stderr)
-        return None
-    scaler.step(opt)  # line 5: the gradient step
-    scaler.update()
-    ema.update(net)
-    return loss.item()
+    finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+    if finite:
+        scaler.step(opt)  # line 5: the gradient step
+        ema.update(net)
+    else:
+        print(
+            f"warning: loss {loss.item()}, grad norm {grad_norm.item()}: step skipped",
+            file=sys.stderr,
+        )
+    scaler.update()  # fp16: after an overflow, a smaller scale next step
+    return loss.item() if finite else None
 
 
 # --- The bound L of eq. (5), in nats per dimension: what L_simple simplifies ----------------------
@@ -220,31 +225,56 @@ def prior_kl(x0, sched):  # L_T of eq. (5) = KL(q(x_T | x_0) || N(0, I)), in nat
 SIGMA2 = ("beta_tilde", "beta")  # the two sigma_t^2 of Section 3.2, in this order
 
 
-def bound_term(eps_model, x0, t, sched, generator=None):
-    """Each image's term of eq. (5) at its own t, in nats per dimension, shaped (2, *x0.shape) for
-    the two sigma_t^2 of SIGMA2: L_{t-1} for t >= 2 and L_0 for t = 1, from one x_t ~ q(x_t | x_0);
-    and x0_hat, eq. (15). x0: images on the pixel grid, in [-1, 1]."""
+def bound_term(x0, xt, t, mean, var, sched):
+    """Each image's term of eq. (5) at its own t, nats per dimension, shaped like x0, for a reverse
+    process p_theta(x_{t-1} | x_t) = N(mean, var): for t >= 2, L_{t-1} = KL(q(x_{t-1} | x_t, x_0)
+    || p_theta), eqs. (6)-(7); for t = 1, L_0 = -log of x_0's bucket under N(mean, var), eq. (13).
+    x0 on the 8-bit grid, in [-1, 1]."""
+    q_mean, q_var = q_posterior(x0, xt, t, sched)
+    first = (t == 1).view(-1, *[1] * (x0.dim() - 1))
+    q_var = torch.where(first, torch.ones_like(q_var), q_var)  # beta_tilde_1 = 0: unused at t = 1
+    kl = normal_kl(q_mean, q_var.expand_as(x0), mean, var)
+    p = bucket_probability(x0, mean, var.sqrt()).to(x0.dtype)
+    nll = -p.clamp(min=torch.finfo(p.dtype).tiny).log()  # 0 beyond ~38 sigma: not inf
+    return torch.where(first, nll, kl)
+
+
+def eps_bound_terms(eps_model, x0, t, sched, generator=None):
+    """bound_term of an eps-model at each image's own t, from one x_t ~ q(x_t | x_0), under both
+    sigma_t^2 of SIGMA2 with the mean of eq. (11): shaped (2, *x0.shape), float64; and x0_hat,
+    eq. (15)."""
     eps = noise_like(x0, generator)
     xt = q_sample(x0, t, eps, sched)
     eps_theta = eps_model(xt, t).to(x0.dtype)
-    beta = gather(sched.beta, t, xt)
-    alpha_bar = gather(sched.alpha_bar, t, xt)
-    mean = (xt - beta / (1 - alpha_bar).sqrt() * eps_theta) / gather(sched.alpha, t, xt).sqrt()
-    q_mean, q_var = q_posterior(x0, xt, t, sched)  # eqs. (6)-(7)
-    first = (t == 1).view(-1, *[1] * (x0.dim() - 1))
-    terms = []
-    for sigma2 in SIGMA2:
-        var = gather(sigma2_choice(sched, sigma2), t, xt).double()
-        kl = normal_kl(q_mean.double(), q_var.double(), mean.double(), var)  # inf at t = 1: unused
-        p = bucket_probability(x0, mean, var.sqrt())  # L_0: at t = 1, mean is x0_hat
-        nll = -p.clamp(min=torch.finfo(p.dtype).tiny).log()  # 0 beyond ~38 sigma: not inf
-        terms.append(torch.where(first, nll, kl))
-    return torch.stack(terms), predict_x0(xt, t, eps_theta, sched)
+    mean = p_mean(xt, t, eps_theta, sched).double()
+    x0_, xt_ = x0.double(), xt.double()
+    var = [gather(sigma2_choice(sched, sigma2), t, xt_) for sigma2 in SIGMA2]
+    terms = torch.stack([bound_term(x0_, xt_, t, mean, v, sched) for v in var])
+    return terms, predict_x0(xt, t, eps_theta, sched)
+
+
+# --- The steps of a sampler: all of 1..T, or a sub-sequence tau of it (DDIM Section 4.2) ----------
+def ddim_timesteps(T, steps):
+    """round(linspace(T, 1, steps)), `steps` distinct integers from T down to 1: the "linspace"
+    spacing of Lin et al. 2024 (arXiv:2305.08891, Table 2), both ends included. DDIM's own
+    tau_i = floor(c i) never reaches t = T, where training put pure noise."""
+    return torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
+
+
+def respace(sched, steps):
+    """The sub-sequence tau of ddim_timesteps as a schedule of its own, with S = steps steps:
+    alpha_bar'_i = alpha_bar[tau_i], so beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}; and tau,
+    (S + 1,) with tau[0] = 0: its step i is t = tau[i] of sched. Algorithm 2 on it with
+    sigma^2 = beta' is DDIM Table 1's sigma_hat row; with beta_tilde' it is DDIM at eta = 1."""
+    tau = torch.tensor([0] + ddim_timesteps(sched.T, steps)[::-1])
+    alpha_bar = sched.alpha_bar[tau]
+    return schedule_of(1 - alpha_bar[1:] / alpha_bar[:-1]), tau
 
 
 # --- Algorithm 2: sampling ------------------------------------------------------------------------
-# x_T ~ N(0, I) on the generator's device, unless given
-def initial_noise(shape, generator, x_T=None):
+# Every sampler takes (eps_model, sched, shape, generator, steps, x_T, trajectory), then its own
+# options by name; it returns x_0, or (x_0, [x_T, ..., x_0]) with trajectory.
+def initial_noise(shape, generator, x_T=None):  # x_T ~ N(0, I) on the generator's device
     if x_T is not None:
         return x_T
     return torch.randn(shape, generator=generator, device=getattr(generator, "device", None))
@@ -252,35 +282,36 @@ def initial_noise(shape, generator, x_T=None):
 
 @torch.inference_mode()
 def sample_ddpm(
-    eps_model, sched, shape, generator, sigma2="beta_tilde", x_T=None, t_start=0, trajectory=False
+    eps_model,
+    sched,
+    shape,
+    generator=None,
+    steps=None,
+    x_T=None,
+    trajectory=False,
+    *,
+    sigma2="beta_tilde",
 ):
-    """Algorithm 2 as printed. sigma2 = "beta_tilde" or "beta", the two sigma_t^2 of Section 3.2.
-    Line 4 is eq. (11); the route through x0_hat and the posterior mean, eq. (7), is the same.
-    With t_start, x_T is an x_t at t = t_start: the reverse process starts there (Section 4.4)."""
+    """Algorithm 2 as printed; with steps = S < T, on DDIM's sub-sequence tau as a schedule of its
+    own (respace): its step i is t = tau_i, where eps_model is called. sigma2 = "beta_tilde" or
+    "beta", the two sigma_t^2 of Section 3.2. Line 4 is eq. (11); the route through x0_hat and
+    the posterior mean, eq. (7), is the same."""
+    sub, tau = (sched, None) if not steps or steps >= sched.T else respace(sched, steps)
     x = initial_noise(shape, generator, x_T)  # line 1
     xs = [x]
-    sigma = sigma2_choice(sched, sigma2).sqrt()  # sigma_1 unused: no noise at t = 1 (line 3)
-    for step in range(t_start or sched.T, 0, -1):  # line 2
-        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+    sigma = sigma2_choice(sub, sigma2).sqrt()  # sigma_1 unused: no noise at t = 1 (line 3)
+    for step in range(sub.T, 0, -1):  # line 2
+        i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)  # sub's step i
+        t = i if tau is None else tau.to(x.device)[i]  # is t = tau_i of sched
         # line 3: no noise at the last step, otherwise every sample keeps sigma_1 * z of noise
         z = noise_like(x, generator) if step > 1 else 0
         eps = eps_model(x, t).to(x.dtype)
-        beta = sched.beta[step]
-        alpha = sched.alpha[step]
-        alpha_bar = sched.alpha_bar[step]
-        x = (x - beta / (1 - alpha_bar).sqrt() * eps) / alpha.sqrt() + sigma[step] * z  # line 4
+        x = p_mean(x, i, eps, sub) + sigma[step] * z  # line 4
         xs.append(x)
     return (x, xs) if trajectory else x  # line 6: x_0
 
 
 # --- DDIM (Song et al. 2021): eq. (12) on a sub-sequence tau of 1..T ------------------------------
-def ddim_timesteps(T, steps):
-    """round(linspace(T, 1, steps)), `steps` distinct integers from T to 1: the "trailing" spacing
-    of Lin et al. 2024 (arXiv:2305.08891, Table 2). DDIM's own tau_i = floor(c i) never reaches
-    t = T, where training put pure noise."""
-    return torch.linspace(T, 1, steps, dtype=torch.float64).round().long().tolist()
-
-
 def ddim_sigma(sched, t, t_next, eta):  # DDIM eq. (16); eta = 1 on the full grid is beta_tilde
     alpha_bar, alpha_bar_next = sched.alpha_bar[t], sched.alpha_bar[t_next]
     return eta * ((1 - alpha_bar_next) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_next)).sqrt()
@@ -288,7 +319,7 @@ def ddim_sigma(sched, t, t_next, eta):  # DDIM eq. (16); eta = 1 on the full gri
 
 @torch.inference_mode()
 def sample_ddim(
-    eps_model, sched, shape, steps=50, eta=0.0, generator=None, x_T=None, trajectory=False
+    eps_model, sched, shape, generator=None, steps=50, x_T=None, trajectory=False, *, eta=0.0
 ):
     """DDIM eq. (12), one network call per step; t_next is the sampler's next step, a smaller t.
     The last step goes to t_next = 0, where alpha_bar = 1 and sigma = 0: it returns x0_hat."""
@@ -307,16 +338,6 @@ def sample_ddim(
         x = alpha_bar_next.sqrt() * x0_hat + direction * eps + sigma * z
         xs.append(x)
     return (x, xs) if trajectory else x
-
-
-def respace(sched, steps):
-    """The sub-sequence tau of ddim_timesteps as a schedule of its own, with S = steps steps:
-    alpha_bar'_i = alpha_bar[tau_i], so beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}; and tau,
-    (S + 1,) with tau[0] = 0: its step i is t = tau[i] of sched. Algorithm 2 on it with
-    sigma^2 = beta' is DDIM Table 1's sigma_hat row; with beta_tilde' it is DDIM at eta = 1."""
-    tau = torch.tensor([0] + ddim_timesteps(sched.T, steps)[::-1])
-    alpha_bar = sched.alpha_bar[tau]
-    return schedule_of(1 - alpha_bar[1:] / alpha_bar[:-1]), tau
 
 
 @torch.inference_mode()
@@ -361,7 +382,10 @@ def ddpm_mix(eps_model, sched, x0, x0_prime, lam, t, eps, generator=None):
     x_t = q_sample(x0, t_batch, eps, sched)
     x_t_prime = q_sample(x0_prime, t_batch, eps, sched)
     x_t_bar = (1 - lam) * x_t + lam * x_t_prime
-    return sample_ddpm(eps_model, sched, x0.shape, generator, x_T=x_t_bar, t_start=t)
+    # from step t down: Algorithm 2 on the schedule's first t steps
+    return sample_ddpm(
+        eps_model, schedule_of(sched.beta[1 : t + 1]), x0.shape, generator, x_T=x_t_bar
+    )
 
 
 # --- The eps-networks -----------------------------------------------------------------------------
@@ -473,6 +497,10 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+# ==================================== Beyond the papers ====================================
+
+
+# --- An eps-network for 2-D points (the swiss roll), and the one that fits a data shape ---------
 class MLP(nn.Module):  # eps_theta for 2-D points (the swiss roll): residual blocks of width 4 * ch
     def __init__(self, dim=2, ch=32, n_res=2):
         super().__init__()
@@ -500,9 +528,6 @@ def make_net(shape, ch, ch_mult=(1, 2, 2), n_res=2, n_classes=0, out_ch=None):
     return UNet(shape[0], ch, ch_mult, n_res, n_classes, out_ch)
 
 
-# ==================================== Beyond the papers ====================================
-
-
 # --- DPM-Solver++(2M): Lu et al. 2022, arXiv:2211.01095, Algorithm 2 ------------------------------
 def dpm_timesteps(sched, steps):
     """T, then the t nearest to `steps - 1` values even in lambda from max(lambda_T, -5) to lambda_1
@@ -520,7 +545,7 @@ def dpm_timesteps(sched, steps):
 
 
 @torch.inference_mode()
-def sample_dpm(eps_model, sched, shape, steps=20, generator=None, x_T=None, trajectory=False):
+def sample_dpm(eps_model, sched, shape, generator=None, steps=20, x_T=None, trajectory=False):
     """Lu et al.'s Algorithm 2 in their symbols: alpha_t = sqrt(alpha_bar_t), sigma_t =
     sqrt(1 - alpha_bar_t), h_i = lambda_{t_i} - lambda_{t_{i-1}}. Each step is exact for a constant
     data prediction; D_i extrapolates x0_hat linearly in lambda from the last two calls (r_i =
@@ -574,49 +599,58 @@ def draw_labels(label_freq, n, generator):
     return y[torch.randperm(n, generator=generator)]
 
 
-def unconditional_labels(label_freq, n, seed, T):  # (y ~ p(y), UNCOND_W, its interval of t)
-    y = draw_labels(label_freq, n, torch.Generator().manual_seed(seed))
+def unconditional_labels(label_freq, K, n, seed, T):
+    """(labels y, guidance w, its interval of t) for n unconditional samples: the one rule that
+    `sample` without --class, the training previews and experiments/interpolate.py follow. A
+    conditional net (K classes) draws y ~ p(y) (uniform where no frequencies are stored), guided by
+    UNCOND_W for UNCOND_T; an unconditional net (K = 0) is told "no label", unguided."""
+    if not K:
+        return UNGUIDED
+    y = draw_labels(label_freq or [1 / K] * K, n, torch.Generator().manual_seed(seed))
     return y, UNCOND_W, [f * T for f in UNCOND_T]
 
 
-# --- The eps-model a sampler calls, built in one place --------------------------------------------
-def sampling_eps_model(
-    net, sched, y=None, w=0.0, t_range=(0, math.inf), clip=False, steps=None, progress=None
-):
-    """(schedule, eps_model(x_t, t)) from the network net(x_t, t, y), each part optional, in order:
-    respacing: `steps` of DDIM's sub-sequence as a schedule of their own (respace), whose step i
-      is t = tau_i; the samplers run on the schedule returned;
-    labels y, one a row; None: "no label", the only label of an unconditional net;
-    guidance w, eq. (6) of Ho & Salimans, (1 + w) eps(x_t, t, y) - w eps(x_t, t) in one batched
-      call, for t_range[0] <= t <= t_range[1] (Kynkaanniemi et al. 2024, arXiv:2404.07724);
-    clipping x0_hat (eq. 15) to [-1, 1], as Ho et al.'s released code samples ("clip_denoised";
-      Algorithm 2 does not print it): the eps returned is the one whose x0_hat is the clipped one;
-    progress: a tick per image through the network."""
-    sub, tau = respace(sched, steps) if steps else (sched, None)
+# --- The eps-model a sampler calls: a network, told labels, guided, clipped -----------------------
+def guided(net, y=None, w=0.0, t_range=(0, math.inf)):
+    """eps_model(x_t, t) from the network net(x_t, t, y): labels y, one a row (None: "no label",
+    the only label of an unconditional net), and guidance w, eq. (6) of Ho & Salimans, (1 + w)
+    eps(x_t, t, y) - w eps(x_t, t), for t_range[0] <= t <= t_range[1] (Kynkaanniemi et al. 2024,
+    arXiv:2404.07724). w = 0: net(x_t, t, y) alone."""
     no_label = net.config.get("n_classes", 0)  # the MLP has no labels
 
     def eps_model(xt, t):
-        if tau is not None:  # respacing
-            t = tau.to(t.device)[t]
         none = torch.full_like(t, no_label)
-        y_t = none if y is None else y  # labels
-        w_t = ((t_range[0] <= t) & (t <= t_range[1])).to(xt.dtype) * w  # guidance
+        y_t = none if y is None else y
+        w_t = ((t_range[0] <= t) & (t <= t_range[1])).to(xt.dtype) * w
         w_t = w_t.view(-1, *[1] * (xt.dim() - 1))
-        if w_t.any():  # both predictions from one batched call
-            both = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_t, none]))
-            eps_y, eps_none = both.to(xt.dtype).chunk(2)
-            eps = (1 + w_t) * eps_y - w_t * eps_none
-        else:  # the conditional prediction alone: one call of B, not 2B
-            eps = net(xt, t, y_t)
-        if clip:  # clipping; then eq. (4) solved for eps
-            x0_hat = predict_x0(xt, t, eps.to(xt.dtype), sched).clamp(-1, 1)
-            alpha_bar = gather(sched.alpha_bar, t, xt)
-            eps = (xt - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
-        if progress:
-            progress.tick(steps=len(xt))
+        if not w_t.any():  # the conditional prediction alone: one call of B, not 2B
+            return net(xt, t, y_t)
+        both = net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y_t, none]))  # one call
+        eps_y, eps_none = both.to(xt.dtype).chunk(2)
+        return (1 + w_t) * eps_y - w_t * eps_none
+
+    return eps_model
+
+
+def clipped(eps_model, sched):
+    """x0_hat (eq. 15) clipped to [-1, 1], as Ho et al.'s released code samples ("clip_denoised";
+    Algorithm 2 does not print it): the eps returned is the one whose x0_hat is the clipped one."""
+
+    def eps_clipped(xt, t):
+        x0_hat = predict_x0(xt, t, eps_model(xt, t).to(xt.dtype), sched).clamp(-1, 1)
+        alpha_bar = gather(sched.alpha_bar, t, xt)
+        return (xt - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()  # eq. (4) solved for eps
+
+    return eps_clipped
+
+
+def counted(eps_model, progress):  # a tick of the progress line per image through the network
+    def eps_counted(xt, t):
+        eps = eps_model(xt, t)
+        progress.tick(steps=len(xt))
         return eps
 
-    return sub, eps_model
+    return eps_counted
 
 
 # ==================================== Machinery ====================================
@@ -710,9 +744,9 @@ def check_writable(path):  # before hours of work, not after
         raise UserError(f"cannot write {path}: its folder is missing or not writable")
 
 
-def save_checkpoint(path, run):
-    state = dict(config=run.config, model=run.model.state_dict(), ema=run.ema.model.state_dict())
-    state.update(opt=run.opt.state_dict(), step=run.step, ema_n=run.ema.n)
+def save_checkpoint(path, config, model, ema, opt, step):
+    state = dict(config=config, model=model.state_dict(), ema=ema.model.state_dict())
+    state.update(opt=opt.state_dict(), step=step, ema_n=ema.n)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -750,10 +784,6 @@ def grid_image(x, nrow=None):
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
 
-# Pillow's optimize corrupts these frames
-GIF = dict(format="GIF", save_all=True, duration=60, loop=0, optimize=False)
-
-
 def save_samples(path, x, xs=None, nrow=None):  # .png grid; .npz uint8 or float; .gif: xs
     ext = os.path.splitext(path)[1].lower()
     if ext == ".png":
@@ -764,7 +794,9 @@ def save_samples(path, x, xs=None, nrow=None):  # .png grid; .npz uint8 or float
         atomic_write(path, lambda f: np.savez(f, images=to_pixels(x).cpu().numpy()))
     elif ext == ".gif":  # at most ~60 frames of the reverse process, then the samples held for 20
         frames = [grid_image(x) for x in xs[:: math.ceil(len(xs) / 60)]] + [grid_image(xs[-1])] * 20
-        atomic_write(path, lambda f: frames[0].save(f, append_images=frames[1:], **GIF))
+        # Pillow's optimize=True corrupts these frames
+        gif = dict(format="GIF", save_all=True, duration=60, loop=0, optimize=False)
+        atomic_write(path, lambda f: frames[0].save(f, append_images=frames[1:], **gif))
 
 
 # --- Device and precision -------------------------------------------------------------------------
@@ -866,175 +898,161 @@ class Progress:
 
 
 # --- The training loop ----------------------------------------------------------------------------
-RUN_KEYS = (
-    "dataset image_size cond p_uncond ch ch_mult n_res schedule T batch_size lr ema_decay seed"
-)
+# not the paper's 2e-4 and 128 (35.7 M parameters, TPUs): at this size on a CPU more and larger
+# steps win (samples/README.md, the recipe); points (a small MLP) take larger still
+BATCH_SIZE = {"images": 32, "points": 128}
+LR = {"images": 1e-3, "points": 2e-3}
+# the flags a train command sets even with --resume: the run's length, files, cadence and machine.
+# Every other flag of TRAIN_FLAGS defines the run, and --resume takes it from the checkpoint.
+PER_COMMAND = ("cmd", "device", "precision", "data_dir", "out", "resume", "save_every")
+PER_COMMAND += ("sample_every", "epochs", "steps")
 
 
-class Run:
-    """One training run, built from the flags or continued from the checkpoint --resume names:
-    what train_loop advances and save_checkpoint writes."""
-
-    def __init__(self, args, out_ch=None, loss_fn=loss_fn):
-        device, args.precision = pick_device(args.device, args.precision)
-        self.rank, self.world, self.device = start_processes(device)  # rank 0 logs and saves
-        check_writable(args.out)
-        ckpt = resume_checkpoint(args, self.device) if args.resume else None
-        data, labels, K = training_data(args)
-        # not the paper's 2e-4 and 128 (35.7 M parameters, TPUs): at this size on a CPU more and
-        # larger steps win (samples/README.md, the recipe); points (a small MLP) take larger still
-        images = data.dim() > 2
-        args.batch_size = args.batch_size or (32 if images else 128)
-        args.lr = args.lr or (1e-3 if images else 2e-3)
-        self.args = args  # the flags; on --resume, the run's own from its checkpoint
-        torch.manual_seed(args.seed)  # the initial weights, the same on every rank
-        model = make_net(data.shape[1:], args.ch, args.ch_mult, args.n_res, K, out_ch)
-        self.model = model.to(self.device).train()
-        self.ema = EMA(self.model, args.ema_decay)
-        self.opt = make_optimizer(self.model, args.lr)
-        self.step = ckpt["step"] if ckpt else 0  # optimizer steps taken
-        if ckpt:
-            self.model.load_state_dict(ckpt["model"])
-            self.ema.model.load_state_dict(ckpt["ema"])
-            self.opt.load_state_dict(ckpt["opt"])
-            self.ema.n = ckpt["ema_n"]
-        self.net = self.model  # what the step calls
-        if self.world > 1:  # a wrapper that averages the gradients over the processes
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.amp = autocast(self.device, args.precision)
-        # fp16 loss scaling, a no-op in the other precisions
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
-        label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
-        shape = list(data.shape[1:])
-        # what load_checkpoint and sample need to rebuild the network and draw from it
-        self.config = dict(model=model.config, data_shape=shape, train=dict(vars(args)))
-        self.config["label_freq"] = label_freq  # p(y): unconditional samples of a conditional net
-        self.sched = make_schedule(args.schedule, args.T)
-        self.data = data.to(self.device)  # (N, C, H, W) uint8 images or (N, 2) points
-        self.labels = labels.to(self.device)  # (N,); all 0 ("no label") if unconditional
-        self.loss_fn = loss_fn  # L_simple, or one of experiments/table2.py's objectives
+def run_config(args):
+    """The run: one record of every train flag, from the command line or, with --resume, from the
+    checkpoint (all but PER_COMMAND), with the defaults left None in the flag table resolved (the
+    data's kind decides them). What train reads and the checkpoint stores."""
+    flags = vars(args)
+    if args.resume:
+        ckpt, _ = load_checkpoint(args.resume, "cpu")
+        if "opt" not in ckpt:
+            why = "has EMA weights only (like samples/), no training state"
+            raise UserError(f"--resume {args.resume}: {why}")
+        saved = ckpt["config"]["train"]
+        flags = {k: v if k in PER_COMMAND or k not in saved else saved[k] for k, v in flags.items()}
+    kind = "points" if flags["dataset"] == "swissroll" else "images"  # the roll has no labels
+    resolved = dict(batch_size=BATCH_SIZE[kind], lr=LR[kind], cond=kind == "images")
+    return argparse.Namespace(**{k: resolved.get(k) if v is None else v for k, v in flags.items()})
 
 
-def train(args, out_ch=None, loss_fn=loss_fn):
-    """Algorithm 1 with its machinery: build the run, take its steps, save; the exit code.
-    out_ch and loss_fn: the hooks of experiments/table2.py (make_net's, train_step's)."""
-    run = Run(args, out_ch, loss_fn)
-    stop = []  # Ctrl-C or SIGTERM (a preempted job): finish the step, save, exit
-    signals = (signal.SIGINT, signal.SIGTERM)
-    handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in signals}
-    try:
-        train_loop(run, stop)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    return finish_run(run, stop)
-
-
-def resume_checkpoint(args, device):
-    """The checkpoint to continue; the run's definition (model, data, lr...) is taken from it into
-    args, while its length, files and cadence stay this command's."""
-    ckpt, _ = load_checkpoint(args.resume, device)
-    if "opt" not in ckpt:
-        why = "has EMA weights only (like samples/), no training state"
-        raise UserError(f"--resume {args.resume}: {why}")
-    vars(args).update({k: v for k, v in ckpt["config"]["train"].items() if k in RUN_KEYS.split()})
-    return ckpt
-
-
-def training_data(args):
-    """(data, labels, K): conditional on K classes whenever the data has labels, unless --no-cond
-    (then K = 0 and every label is 0, which the network reads as "no label")."""
-    data, labels = load_data(args.dataset, args.data_dir, args.seed, args.image_size)
-    if args.cond is None:
-        args.cond = labels is not None
-    if args.cond and labels is None:
-        raise UserError(f"--cond: {args.dataset} has no labels")
-    L, hw = len(args.ch_mult), data.shape[2:]  # the U-Net halves H and W at all levels but one
+def training_data(cfg):
+    """(data, labels, K): conditional on K classes where cfg.cond, else K = 0 and every label is 0,
+    which the network reads as "no label"."""
+    data, labels = load_data(cfg.dataset, cfg.data_dir, cfg.seed, cfg.image_size)
+    if cfg.cond and labels is None:
+        raise UserError(f"--cond: {cfg.dataset} has no labels")
+    L, hw = len(cfg.ch_mult), data.shape[2:]  # the U-Net halves H and W at all levels but one
     if data.dim() > 2 and (hw[0] % 2 ** (L - 1) or hw[1] % 2 ** (L - 1)):
         why = f"{L} levels halve the images {L - 1} times, and {hw[0]} x {hw[1]} does not divide"
-        raise UserError(f"--ch-mult {','.join(map(str, args.ch_mult))}: {why} by {2 ** (L - 1)}")
-    K = int(labels.max()) + 1 if args.cond else 0
-    if not args.cond:
-        labels = torch.zeros(len(data), dtype=torch.long)
-    return data, labels, K
+        raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))}: {why} by {2 ** (L - 1)}")
+    if not cfg.cond:
+        return data, torch.zeros(len(data), dtype=torch.long), 0
+    return data, labels, int(labels.max()) + 1
 
 
-def train_loop(run, stop):
-    """Algorithm 1's "repeat ... until converged": a step a batch, to the last step or a signal."""
-    args = run.args
-    B = min(args.batch_size, len(run.data) // run.world)  # per process; a step reads B * world
-    per_epoch = len(run.data) // (B * run.world)  # an epoch's last, partial batch is dropped
-    total = args.steps or args.epochs * per_epoch
-    unit = "img" if run.data.dim() > 2 else "points"
-    log = print if run.rank == 0 else lambda *a, **k: None
-    n_params = sum(p.numel() for p in run.model.parameters())
-    sizes = f"{n_params:,} parameters | {len(run.data)} {unit} | {per_epoch} steps/epoch"
-    where = f"{run.device} {args.precision} | {run.world} process(es) x batch {B}"
-    log(f"{type(run.model).__name__} {sizes} | steps {run.step}..{total} | {where}")
-    progress = Progress(total, run.step, unit, B * run.world, log, name="step")
-    smooth = float("nan")
-    perm_epoch = None
-    while run.step < total and not on_any_rank(bool(stop), run.world, run.device):
-        epoch, i = divmod(run.step, per_epoch)
-        if epoch != perm_epoch:  # the order follows from (seed, epoch): a resumed run sees the same
-            order = torch.Generator().manual_seed(args.seed + epoch)
-            perm = torch.randperm(len(run.data), generator=order).to(run.device)
-            perm_epoch = epoch
-        # this step's draws (labels dropped, flips, t, eps), the same after a resume
-        gen = torch.Generator(run.device).manual_seed(hash((args.seed, run.step, run.rank)))
-        idx = perm[(i * run.world + run.rank) * B :][:B]  # rank r: the r-th B of B * world
-        x0, y = training_batch(run, idx, gen)
-        step_args = run.net, run.ema, run.opt, x0, run.sched, gen, y, run.amp, run.scaler
-        loss = train_step(*step_args, run.loss_fn)
-        if loss is not None:
-            smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
-        run.step += 1
-        progress.tick(f"epoch {epoch + 1}", f"loss {smooth:.4f}")
-        if run.rank == 0 and run.step % (args.save_every or per_epoch) == 0:
-            save_checkpoint(args.out, run)
-        if run.rank == 0 and args.sample_every and run.step % args.sample_every == 0:
-            save_preview(run)
-
-
-def training_batch(run, idx, gen):  # x_0 in [-1, 1] and labels, some dropped; photos flipped
-    x0 = to_model_range(run.data[idx])
-    y = drop_labels(run.labels[idx], run.args.p_uncond, run.model.config.get("n_classes", 0), gen)
-    # photographs get random horizontal flips (Ho et al., CIFAR-10); digits not
-    if run.data.shape[1] == 3:
-        flips = torch.rand(len(idx), 1, 1, 1, generator=gen, device=run.device) < 0.5
+def training_batch(data, labels, idx, p_uncond, K, gen):
+    """Algorithm 1, line 2: x_0 ~ q(x_0) in [-1, 1], and its labels, some dropped (guidance);
+    photographs get random horizontal flips (Ho et al., CIFAR-10), digits not."""
+    x0 = to_model_range(data[idx])
+    y = drop_labels(labels[idx], p_uncond, K, gen)
+    if data.shape[1] == 3:
+        flips = torch.rand(len(idx), 1, 1, 1, generator=gen, device=data.device) < 0.5
         x0 = torch.where(flips, x0.flip(3), x0)
     return x0, y
 
 
-def save_preview(run):
+def save_preview(path, ema_model, config, sched, amp):
     """16 images (2,000 points) from the EMA weights, from the same noise each time and drawn as
     `sample` draws without --class: the run's progress at a glance, next to its checkpoint."""
-    images = run.data.dim() > 2
-    n = 16 if images else 2000
-    y, w, t_range = UNGUIDED
-    if run.model.config.get("n_classes"):  # labels drawn from p(y), not "no label"
-        y, w, t_range = unconditional_labels(run.config["label_freq"], n, 0, run.sched.T)
-        y = y.to(run.device)
-    _, eps_model = sampling_eps_model(run.ema.model, run.sched, y, w, t_range, clip=images)
-    preview, shape = torch.Generator(run.device).manual_seed(0), (n, *run.data.shape[1:])
-    with run.amp:
-        x = sample_ddim(eps_model, run.sched, shape, min(50, run.sched.T), generator=preview)
-    save_samples(f"{os.path.splitext(run.args.out)[0]}_step{run.step:07d}.png", x)
+    shape, K = config["data_shape"], ema_model.config.get("n_classes", 0)
+    n = 16 if len(shape) > 1 else 2000
+    device = next(ema_model.parameters()).device
+    y, w, t_range = unconditional_labels(config["label_freq"], K, n, 0, sched.T)
+    eps_model = guided(ema_model, y if y is None else y.to(device), w, t_range)
+    if len(shape) > 1:  # images are clipped, as `sample` clips them
+        eps_model = clipped(eps_model, sched)
+    gen = torch.Generator(device).manual_seed(0)
+    with amp:
+        save_samples(path, sample_ddim(eps_model, sched, (n, *shape), gen, min(50, sched.T)))
 
 
-def finish_run(run, stop):  # the last save; the exit code says whether a signal stopped the run
-    if run.rank == 0:
-        save_checkpoint(run.args.out, run)
-        print(f"saved {run.args.out} at step {run.step}")
-    if run.world > 1:
+@contextlib.contextmanager
+def stop_signals():  # Ctrl-C or SIGTERM (a preempted job): noted in the list, the step finishes
+    stop, signals = [], (signal.SIGINT, signal.SIGTERM)
+    handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in signals}
+    try:
+        yield stop
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def train(cfg, out_ch=None, objective=loss_fn):
+    """Algorithm 1 with its machinery, top to bottom: set-up, the loop (batch, step, log, save,
+    preview), the last save; the exit code. cfg: run_config's; out_ch and objective: the hooks of
+    experiments/table2.py (make_net's, train_step's)."""
+    device, precision = pick_device(cfg.device, cfg.precision)
+    rank, world, device = start_processes(device)  # rank 0 logs and saves
+    log = print if rank == 0 else lambda *a, **k: None
+    check_writable(cfg.out)
+    ckpt = load_checkpoint(cfg.resume, device)[0] if cfg.resume else None
+    data, labels, K = training_data(cfg)
+    torch.manual_seed(cfg.seed)  # the initial weights, the same on every rank
+    model = make_net(data.shape[1:], cfg.ch, cfg.ch_mult, cfg.n_res, K, out_ch).to(device).train()
+    ema = EMA(model, cfg.ema_decay)
+    opt = make_optimizer(model, cfg.lr)
+    step = ckpt["step"] if ckpt else 0  # optimizer steps taken
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        ema.n = ckpt["ema_n"]
+    net = model  # what the step calls; on several processes, a wrapper averaging the gradients
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    amp = autocast(device, precision)
+    mixed = amp, torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 alone scales
+    sched = make_schedule(cfg.schedule, cfg.T)
+    label_freq = (torch.bincount(labels, minlength=K) / len(labels)).tolist() if K else []
+    # what load_checkpoint and sample need to rebuild the network and draw from it; p(y) draws
+    # unconditional samples of a conditional net
+    config = dict(model=model.config, data_shape=list(data.shape[1:]))
+    config["train"] = dict(vars(cfg), precision=precision)  # the run, as it ran
+    config["label_freq"] = label_freq
+    data, labels = data.to(device), labels.to(device)  # (N, C, H, W) uint8 images or (N, 2) points
+
+    B = min(cfg.batch_size, len(data) // world)  # per process; a step reads B * world
+    per_epoch = len(data) // (B * world)  # an epoch's last, partial batch is dropped
+    total = cfg.steps or cfg.epochs * per_epoch
+    unit = "img" if data.dim() > 2 else "points"
+    sizes = f"{sum(p.numel() for p in model.parameters()):,} parameters | {len(data)} {unit}"
+    where = f"steps {step}..{total} | {device} {precision} | {world} process(es) x batch {B}"
+    log(f"{type(model).__name__} {sizes} | {per_epoch} steps/epoch | {where}")
+    progress = Progress(total, step, unit, B * world, log, name="step")
+    smooth, perm_epoch = float("nan"), None
+    with stop_signals() as stop:  # Algorithm 1's "repeat ... until converged", or a signal
+        while step < total and not on_any_rank(bool(stop), world, device):
+            epoch, i = divmod(step, per_epoch)
+            if epoch != perm_epoch:  # the order follows from (seed, epoch): a resumed run sees it
+                order = torch.Generator().manual_seed(cfg.seed + epoch)
+                perm, perm_epoch = torch.randperm(len(data), generator=order).to(device), epoch
+            # this step's draws (labels dropped, flips, t, eps), the same after a resume
+            gen = torch.Generator(device).manual_seed(hash((cfg.seed, step, rank)))
+            idx = perm[(i * world + rank) * B :][:B]  # rank r: the r-th B of B * world
+            x0, y = training_batch(data, labels, idx, cfg.p_uncond, K, gen)
+            loss = train_step(net, ema, opt, x0, sched, gen, y, objective, mixed)
+            if loss is not None:
+                smooth = loss if math.isnan(smooth) else 0.98 * smooth + 0.02 * loss
+            step += 1
+            progress.tick(f"epoch {epoch + 1}", f"loss {smooth:.4f}")
+            if rank == 0 and step % (cfg.save_every or per_epoch) == 0:
+                save_checkpoint(cfg.out, config, model, ema, opt, step)
+            if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
+                path = f"{os.path.splitext(cfg.out)[0]}_step{step:07d}.png"
+                save_preview(path, ema.model, config, sched, amp)
+
+    if rank == 0:  # the last save; the exit code says whether a signal stopped the run
+        save_checkpoint(cfg.out, config, model, ema, opt, step)
+        print(f"saved {cfg.out} at step {step}")
+    if world > 1:
         dist.barrier()  # rank 0 has saved
         dist.destroy_process_group()
     if not stop:
         return 0
-    where = f"rank {run.rank}: " if run.world > 1 else ""
-    resume = f"continue with --resume {run.args.out}"
-    print(f"{where}stopped by signal {stop[0]} after step {run.step}; {resume}", file=sys.stderr)
+    who = f"rank {rank}: " if world > 1 else ""
+    resume = f"continue with --resume {cfg.out}"
+    print(f"{who}stopped by signal {stop[0]} after step {step}; {resume}", file=sys.stderr)
     return 128 + stop[0]
 
 
@@ -1054,14 +1072,14 @@ def class_labels(cls, n, K):  # --class K: n labels K; --class all: K rows of K,
 
 
 def sample_labels(args, label_freq, K, T):
-    """(labels y, guidance w, t_range) for --class and --guidance: without --class, a conditional
-    net draws y ~ p(y) and samples x | y, guided a little (UNCOND_W, UNCOND_T); with --class, x | y
-    for that class (w = 3 by default); --class none, or an unconditional net: "no label", y None."""
+    """(labels y, guidance w, t_range) for --class and --guidance: without --class, the rule of
+    unconditional_labels (a conditional net: y ~ p(y), guided a little); with --class, x | y for
+    that class (w = 3 by default); --class none, or an unconditional net: "no label", y None."""
     if args.guidance_t and (len(args.guidance_t) != 2 or args.guidance_t[0] > args.guidance_t[1]):
         shown = ",".join(f"{v:g}" for v in args.guidance_t)
         raise UserError(f"--guidance-t {shown}: two values LO,HI with LO <= HI")
     if args.cls is None and K:
-        y, w, t_range = unconditional_labels(label_freq or [1 / K] * K, args.n, args.seed, T)
+        y, w, t_range = unconditional_labels(label_freq, K, args.n, args.seed, T)
         return y, w if args.guidance is None else args.guidance, args.guidance_t or t_range
     if args.cls not in (None, "none") or args.guidance is not None or args.guidance_t:
         y = class_labels(args.cls, args.n, K)
@@ -1070,8 +1088,12 @@ def sample_labels(args, label_freq, K, T):
     return UNGUIDED
 
 
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm": sample_dpm}
+
+
 def sample(args):
-    """Load the checkpoint, build the eps-model the flags ask for, run the sampler, save."""
+    """Load the checkpoint; then the labels, the eps-model (guidance, clipping), the sampler, the
+    file."""
     device, precision = pick_device(args.device, args.precision)
     if not 0 <= args.eta <= 1 or (args.eta and args.sampler == "dpm"):
         why = "DDIM's eta (eq. 16) lies in [0, 1]; DPM-Solver++(2M) takes none"
@@ -1095,24 +1117,22 @@ def sample(args):
     y, w, t_range = sample_labels(args, ckpt["config"].get("label_freq"), K, sched.T)
     n = args.n if y is None else len(y)
     shape = (n, *ckpt["config"]["data_shape"])
-    clip = args.clip and len(shape) > 2  # images lie in [-1, 1]; points do not
-    # Algorithm 2 with S < T steps runs on DDIM's sub-sequence, a schedule of its own
-    respacing = steps if args.sampler == "ddpm" and steps < sched.T else None
-    y = y if y is None else y.to(device)
-    progress = Progress(n * steps)  # images through the network
-    sub, eps_model = sampling_eps_model(model, sched, y, w, t_range, clip, respacing, progress)
+
+    eps_model = guided(model, y if y is None else y.to(device), w, t_range)
+    if args.clip and len(shape) > 2:  # on by default: images lie in [-1, 1] (points do not)
+        eps_model = clipped(eps_model, sched)
+    eps_model = counted(eps_model, Progress(n * steps))  # images through the network
+    options = {"ddpm": dict(sigma2=args.sigma2), "ddim": dict(eta=args.eta), "dpm": {}}
     gen = torch.Generator(device).manual_seed(args.seed)
     gif = args.out.lower().endswith(".gif")
     t0 = time.time()
     with autocast(device, precision):
-        if args.sampler == "ddpm":
-            out = sample_ddpm(eps_model, sub, shape, gen, args.sigma2, trajectory=gif)
-        elif args.sampler == "ddim":
-            out = sample_ddim(eps_model, sched, shape, steps, args.eta, gen, trajectory=gif)
-        else:
-            out = sample_dpm(eps_model, sched, shape, steps, gen, trajectory=gif)
+        out = SAMPLERS[args.sampler](
+            eps_model, sched, shape, gen, steps, trajectory=gif, **options[args.sampler]
+        )
     x, xs = out if gif else (out, None)
     save_samples(args.out, x, xs)
+
     if run["dataset"] == "swissroll":  # how near the data, and what "near" means at this n
         gen_cpu = torch.Generator().manual_seed(args.seed)
         fresh, fresh2 = make_swissroll(2 * n, gen_cpu).split(n)
@@ -1149,6 +1169,9 @@ PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 # the helps too long for a row
 RESUME_HELP = "continue this checkpoint's run (model, data, lr...)"
 COND_HELP = "class-conditional, for classifier-free guidance; None: if the data has labels"
+BATCH_HELP = "per step and process; None: {images} images or {points} points".format(**BATCH_SIZE)
+LR_HELP = "AdamW learning rate; None: {images:.0e} for images, {points:.0e} for points"
+LR_HELP = LR_HELP.format(**LR).replace("e-0", "e-")  # 1e-3, not 0.001
 STEPS_HELP = "network calls; None: T for ddpm, 50 for ddim, 20 for dpm; ddpm with S < T: "
 STEPS_HELP += "Algorithm 2 on DDIM's sub-sequence of S steps"
 SIGMA2_HELP = "Algorithm 2's sigma_t^2 (Section 3.2); beta with --steps: DDIM's sigma_hat"
@@ -1187,13 +1210,13 @@ TRAIN_FLAGS = SYSTEM_FLAGS + [
     # optimization
     ("--epochs", int, 30, AT_LEAST_1, "passes over the data"),
     ("--steps", int, None, AT_LEAST_1, "total optimizer steps; overrides --epochs"),
-    ("--batch-size", int, None, AT_LEAST_1, "per step and process; None: 32 images or 128 points"),
-    ("--lr", float, None, ABOVE_0, "AdamW learning rate; None: 1e-3 for images, 2e-3 for points"),
+    ("--batch-size", int, None, AT_LEAST_1, BATCH_HELP),
+    ("--lr", float, None, ABOVE_0, LR_HELP),
     ("--ema-decay", float, 0.9999, DECAY, "EMA decay after warm-up"),
 ]
 SAMPLE_FLAGS = SYSTEM_FLAGS + [
     ("--ckpt", str, None, None, "checkpoint written by train; None: the model shipped in samples/"),
-    ("--sampler", ["ddpm", "ddim", "dpm"], "ddpm", None, "dpm: DPM-Solver++"),
+    ("--sampler", list(SAMPLERS), "ddpm", None, "dpm: DPM-Solver++"),
     ("--steps", int, None, AT_LEAST_1, STEPS_HELP),
     ("--eta", float, 0.0, None, "DDIM eq. (16): 0 deterministic, 1 DDPM-like"),
     ("--sigma2", list(SIGMA2), "beta_tilde", None, SIGMA2_HELP),
@@ -1204,10 +1227,6 @@ SAMPLE_FLAGS = SYSTEM_FLAGS + [
     ("--no-clip", {"dest": "clip", "action": "store_false"}, True, None, CLIP_HELP),
     ("--out", str, "sample.png", None, ".png grid, .npz uint8 images, .gif reverse process"),
 ]
-COMMANDS = {  # name: (what it does, its flags)
-    "train": ("train the eps-network (Algorithm 1)", TRAIN_FLAGS),
-    "sample": ("Algorithm 2, DDIM or DPM-Solver++ sampling", SAMPLE_FLAGS),
-}
 HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
@@ -1225,14 +1244,26 @@ def add_flags(parser, rows):  # argparse's add_argument for each row of a flag t
 def check_flags(args, rows):  # each value of a numeric flag in its accepted range
     for flag, kind, _, accepted, _ in rows:
         dest = kind.get("dest") if isinstance(kind, dict) else None
-        value = getattr(args, dest or flag[2:].replace("-", "_"))
+        value = getattr(args, dest or flag.lstrip("-").replace("-", "_"))
         values = value if isinstance(value, list) else [value]
         if accepted and value is not None and not all(map(accepted[0], values)):
             shown = ",".join(f"{v:g}" for v in values)
             raise UserError(f"{flag} must be {accepted[1]} (got {shown})")
 
 
-def run_command(command, args, rows):  # command(args) after the range checks; a UserError: exit 2
+def command_line(description, commands, argv=None):
+    """Every command line of the project, ddpm.py's and experiments/': argparse and --help from the
+    flag tables, the range checks, then the command; its exit code, or for a UserError one line and
+    2. commands: {name: (function, help, rows)}; a lone command named None has no sub-command."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HELP)
+    if None in commands:
+        add_flags(parser, commands[None][2])
+    else:
+        sub = parser.add_subparsers(dest="cmd", required=True)
+        for name, (_, what, rows) in commands.items():
+            add_flags(sub.add_parser(name, help=what, formatter_class=HELP), rows)
+    args = parser.parse_args(argv)
+    command, _, rows = commands[getattr(args, "cmd", None)]
     try:
         check_flags(args, rows)
         return command(args)
@@ -1241,20 +1272,28 @@ def run_command(command, args, rows):  # command(args) after the range checks; a
         return 2
 
 
-def make_parser():
-    parser = argparse.ArgumentParser(
-        description="DDPM / DDIM on MNIST in one file.", formatter_class=HELP
-    )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, (what, rows) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=what, formatter_class=HELP), rows)
-    return parser
+COMMANDS = {  # name: (what runs, what it does, its flags)
+    "train": (
+        lambda args: train(run_config(args)),
+        "train the eps-network (Algorithm 1)",
+        TRAIN_FLAGS,
+    ),
+    "sample": (sample, "Algorithm 2, DDIM or DPM-Solver++ sampling", SAMPLE_FLAGS),
+}
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
-    return run_command(train if args.cmd == "train" else sample, args, COMMANDS[args.cmd][1])
+    return command_line("DDPM / DDIM on MNIST in one file.", COMMANDS, argv)
 
+
+# What experiments/ uses of this file, and nothing else (test_ddpm.py checks): the papers' math,
+# the samplers and their eps-model, the run and its files, and the command line.
+__all__ = """make_schedule gather q_sample predict_x0 q_posterior p_mean noise_like SIGMA2
+sigma2_choice prior_kl bound_term eps_bound_terms respace initial_noise sample_ddim ddim_encode
+slerp ddpm_mix guided counted unconditional_labels UserError load_data DATASETS to_model_range
+to_pixels save_samples atomic_write check_writable load_checkpoint SHIPPED pick_device autocast
+Progress train run_config main command_line SYSTEM_FLAGS TRAIN_FLAGS PRECISIONS comma_ints
+AT_LEAST_0 AT_LEAST_1 AT_LEAST_2""".split()
 
 if __name__ == "__main__":
     sys.exit(main())

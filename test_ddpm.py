@@ -26,18 +26,21 @@ DDPM eqs. (5), (13), the bound:
 DDPM Table 2, its parameterisations, objectives and learned variances: experiments/test_table2.py
 DDPM Algorithm 2, both sigma_t^2 of Section 3.2:
     each_step_of_algorithm_2_adds_noise_of_variance_sigma_t_squared,
-    ddpm_first_step_adds_noise_of_variance_sigma_T_squared, ddpm_with_the_true_noise_returns_x0,
+    ddpm_first_step_adds_noise_of_variance_sigma_T_squared,
+    ddpm_with_the_true_noise_steps_through_the_posterior_of_x0_and_returns_it,
     ddpm_turns_noise_into_gaussian_data, samples_land_on_the_data_points_with_their_frequencies
 DDIM Section 4.2, the sub-sequence: ddim_timesteps, ddim_makes_exactly_steps_model_calls
 DDIM eq. (12) at eta = 0:
     ddim_at_eta_0_keeps_every_x_t_on_the_line_of_x0_and_the_encoder_lands_on_it,
     ddim_error_shrinks_as_steps_grow, ddim_on_the_full_grid_matches_gaussian_data
 DDIM eq. (16): each_ddim_step_adds_noise_of_the_variance_of_eq_16,
-    ddim_with_the_true_noise_returns_x0; eta = 1 on the full grid is beta_tilde:
+    ddim_with_the_true_noise_takes_every_step_of_eq_12_and_returns_x0; eta = 1 on the full grid
+    is beta_tilde:
     ddim_eta_1_on_the_full_grid_has_the_posterior_variance (the identity),
     algorithm_2_on_the_respaced_schedule_is_ddim_at_eta_1 (the samplers, draw for draw)
 DDIM Table 1's sigma_hat (Algorithm 2 respaced):
     algorithm_2_on_the_respaced_schedule_is_ddim_at_eta_1,
+    algorithm_2_with_fewer_steps_is_algorithm_2_on_the_sub_sequence,
     sample_ddpm_with_fewer_steps_is_algorithm_2_on_the_sub_sequence
 DDIM eq. (14) and Section 5.4, encoding:
     ddim_at_eta_0_keeps_every_x_t_on_the_line_of_x0_and_the_encoder_lands_on_it,
@@ -53,7 +56,7 @@ The eps-networks (DDPM Appendix B): unet_keeps_the_shape, unet_uses_each_samples
     the_unet_computes_the_architecture_it_describes,
     the_shipped_weights_still_denoise_the_digits_they_drew, mlp_keeps_the_shape_and_uses_t
 DPM-Solver++(2M): dpm_timesteps_are_distinct_from_T_to_1_and_even_in_lambda,
-    dpm_solver_with_the_true_noise_returns_x0_in_exactly_steps_calls,
+    dpm_solver_with_the_true_noise_keeps_every_x_t_on_the_line_of_x0,
     dpm_solver_keeps_gaussian_data_better_than_ddim_at_the_same_calls
 Classifier-free guidance: label_dropout_happens_at_the_stated_rate,
     guidance_is_linear_in_w_and_one_batched_call_equals_two,
@@ -65,10 +68,10 @@ Clipping x0_hat (Ho et al.'s code): clipped_x0_is_ho_et_al_s_route_clip_then_pos
     clipped_samples_of_every_sampler_lie_in_the_data_range,
     sample_clips_x0_of_images_unless_told_not_to
 The machinery (data, files, checkpoints, several processes) and the command line: the last two
-    sections.
+    sections; experiments_use_the_stated_api_of_ddpm_py_and_all_of_it,
+    every_name_in_ddpm_py_is_defined_before_it_is_used.
 """
 
-import inspect
 import math
 import os
 import re
@@ -88,7 +91,6 @@ from PIL import Image
 import ddpm
 from conftest import (
     TINY,
-    as_net,
     cli,
     fails_in_one_line,
     gen,
@@ -352,8 +354,8 @@ def test_fp16_loss_scaling_skips_overflowing_steps_then_trains():
             s,
             torch.Generator().manual_seed(i),
             None,
-            ddpm.autocast(torch.device("cpu"), "fp16"),
-            scaler,
+            ddpm.loss_fn,
+            (ddpm.autocast(torch.device("cpu"), "fp16"), scaler),
         )
         for i in range(20)
     ]
@@ -380,7 +382,8 @@ def test_with_the_exact_noise_every_kl_is_the_variance_mismatch_and_l0_a_bucket(
     sched = ddpm.make_schedule("linear", 1000)
     x0 = pixel_grid_image((1, 4, 4), 0)
     t = torch.arange(1, 1001)
-    terms, x0_hat = ddpm.bound_term(oracle_eps(x0, sched), x0.expand(1000, -1, -1, -1), t, sched)
+    x0_all = x0.expand(1000, -1, -1, -1)
+    terms, x0_hat = ddpm.eps_bound_terms(oracle_eps(x0, sched), x0_all, t, sched)
     assert torch.allclose(x0_hat, x0.expand_as(x0_hat), atol=1e-9)
     tilde, beta = terms[0, 1:], terms[1, 1:]  # t = 2..T
     assert tilde.abs().max() < 1e-9
@@ -467,7 +470,7 @@ def test_each_step_of_algorithm_2_adds_noise_of_variance_sigma_t_squared(sigma2)
     s, n = ddpm.make_schedule("linear", 10), 20_000
     x0, x_T = torch.full((n, 1), 0.3, dtype=F64), torch.randn(n, 1, generator=gen(1), dtype=F64)
     model = oracle_eps(x0, s)
-    _, xs = ddpm.sample_ddpm(model, s, x0.shape, gen(0), sigma2, x_T, trajectory=True)
+    _, xs = ddpm.sample_ddpm(model, s, x0.shape, gen(0), x_T=x_T, trajectory=True, sigma2=sigma2)
     var = (s.beta if sigma2 == "beta" else s.beta_tilde).tolist()
     for t, xt, x_prev in zip(range(10, 0, -1), xs, xs[1:]):
         mean, _ = ddpm.q_posterior(x0, xt, torch.full((n,), t), s)
@@ -487,14 +490,25 @@ def test_each_step_of_algorithm_2_adds_noise_of_variance_sigma_t_squared(sigma2)
     seed=st.integers(0, 99),
 )
 @example(kind="linear", T=1000, sigma2="beta_tilde", seed=0)
-def test_ddpm_with_the_true_noise_returns_x0(kind, T, sigma2, seed):
-    """Over schedules and T: with the exact eps the output is x_0 (only the last step, which adds no
-    noise, decides this; each step's noise is checked by the test above)."""
-    s, g = ddpm.make_schedule(kind, T), torch.Generator().manual_seed(seed)
+def test_ddpm_with_the_true_noise_steps_through_the_posterior_of_x0_and_returns_it(
+    kind, T, sigma2, seed
+):
+    """Over schedules and T, with the exact eps of x_0: every step of Algorithm 2 is a draw of q's
+    posterior at the true x_0, x_{t-1} = mu_tilde(x_t, x_0) + sigma_t z (eqs. 6-7), sigma_t^2 =
+    beta_t or beta_tilde_t, z replayed from the generator's stream; and the output is x_0. Checked
+    at every step, not only at the end, which the last step (x0_hat, no noise) decides alone."""
+    s, g = ddpm.make_schedule(kind, T), gen(seed)
     x0 = torch.randn(3, 1, 4, 4, generator=g, dtype=F64) * 2
     x_T = torch.randn(x0.shape, generator=g, dtype=F64)
-    out = ddpm.sample_ddpm(oracle_eps(x0, s), s, x0.shape, g, sigma2=sigma2, x_T=x_T)
-    assert torch.allclose(out, x0, atol=1e-9, rtol=0)
+    out, xs = ddpm.sample_ddpm(
+        oracle_eps(x0, s), s, x0.shape, gen(seed + 1), x_T=x_T, trajectory=True, sigma2=sigma2
+    )
+    replay, var = gen(seed + 1), getattr(s, sigma2)
+    for step, xt, x_prev in zip(range(T, 0, -1), xs, xs[1:]):
+        z = torch.randn(x0.shape, generator=replay, dtype=F64) if step > 1 else 0
+        mean, _ = ddpm.q_posterior(x0, xt, torch.full((3,), step), s)
+        assert torch.allclose(x_prev, mean + var[step].sqrt() * z, atol=1e-9, rtol=0), step
+    assert len(xs) == T + 1 and torch.allclose(out, x0, atol=1e-9, rtol=0)
 
 
 def gaussian_eps(mu, s, sched):
@@ -609,7 +623,7 @@ def test_each_ddim_step_adds_noise_of_the_variance_of_eq_16(eta):
     x0 = torch.zeros(n, 1, dtype=F64)
     x_T = torch.full((n, 1), 0.7, dtype=F64)
     eps_model = oracle_eps(x0, s)
-    _, xs = ddpm.sample_ddim(eps_model, s, x0.shape, steps, eta, gen(0), x_T, trajectory=True)
+    _, xs = ddpm.sample_ddim(eps_model, s, x0.shape, gen(0), steps, x_T, True, eta=eta)
     taus = ddpm.ddim_timesteps(1000, steps) + [0]
     for t, t_next, xt, x_next in zip(taus, taus[1:], xs, xs[1:]):
         ab, ab_next = s.alpha_bar[t].item(), s.alpha_bar[t_next].item()
@@ -645,8 +659,8 @@ def test_ddim_at_eta_0_keeps_every_x_t_on_the_line_of_x0_and_the_encoder_lands_o
     x_T = torch.randn(x0.shape, generator=g, dtype=F64)
     eps = (x_T - ab[T].sqrt() * x0) / (1 - ab[T]).sqrt()
     oracle = oracle_eps(x0, s)
-    out, xs = ddpm.sample_ddim(oracle, s, x0.shape, steps, 0.0, gen(1), x_T=x_T, trajectory=True)
-    assert torch.equal(out, ddpm.sample_ddim(oracle, s, x0.shape, steps, 0.0, gen(2), x_T=x_T))
+    out, xs = ddpm.sample_ddim(oracle, s, x0.shape, gen(1), steps, x_T=x_T, trajectory=True)
+    assert torch.equal(out, ddpm.sample_ddim(oracle, s, x0.shape, gen(2), steps, x_T=x_T))
     assert all(on_line(x, t, eps) for x, t in zip(xs, taus + [0]))
     seen = []
 
@@ -658,7 +672,7 @@ def test_ddim_at_eta_0_keeps_every_x_t_on_the_line_of_x0_and_the_encoder_lands_o
     eps_1 = (1 - ab[1].sqrt()) * x0 / (1 - ab[1]).sqrt()
     assert torch.equal(seen[0], x0) and len(seen) == steps
     assert all(on_line(x, t, eps_1) for x, t in zip(seen[1:] + [x_T], taus[::-1]))
-    back = ddpm.sample_ddim(oracle, s, x0.shape, steps, x_T=x_T)
+    back = ddpm.sample_ddim(oracle, s, x0.shape, steps=steps, x_T=x_T)
     assert torch.allclose(back, x0, atol=atol, rtol=0)
 
 
@@ -666,9 +680,12 @@ def test_ddim_at_eta_0_keeps_every_x_t_on_the_line_of_x0_and_the_encoder_lands_o
 @given(kind=kinds, T=st.integers(2, 1000), eta=st.sampled_from([0.0, 0.3, 1.0]), data=st.data())
 @example(kind="linear", T=1000, eta=0.0, data=None)
 @example(kind="linear", T=14, eta=1.0, data=2)  # was nan: 1 - alpha_bar - sigma^2 rounded below 0
-def test_ddim_with_the_true_noise_returns_x0(kind, T, eta, data):
-    """Over schedules, T, eta and step counts, rounding included (the @example that was nan): the
-    output is x_0 (the last step returns x0_hat; every step is checked above, eta = 0 and > 0)."""
+def test_ddim_with_the_true_noise_takes_every_step_of_eq_12_and_returns_x0(kind, T, eta, data):
+    """Over schedules, T, eta and step counts, rounding included (the @example that was nan), with
+    the exact eps of x_0: every x_t DDIM passes is sqrt(ab_t) x_0 + sqrt(1 - ab_t) e_t, where each
+    step's noise part is eq. (12)'s, sqrt(1 - ab_s - sigma^2) e_t + sigma z, sigma of eq. (16)
+    written out here, z replayed from the generator; and the output is x_0. Checked at every step:
+    the last alone (x0_hat, sigma = 0) returns x_0 whatever came before."""
     s, g = ddpm.make_schedule(kind, T), torch.Generator().manual_seed(T)
     steps = 50
     if isinstance(data, int):  # an @example's step count
@@ -677,9 +694,18 @@ def test_ddim_with_the_true_noise_returns_x0(kind, T, eta, data):
         steps = data.draw(st.integers(1, T))
     x0 = torch.randn(3, 2, 4, generator=g, dtype=F64) * 2
     x_T = torch.randn(x0.shape, generator=g, dtype=F64)
-    # the last update divides by sqrt(alpha_bar) at the last tau: rounding grows by that factor
-    atol = 1e-12 / s.alpha_bar[ddpm.ddim_timesteps(T, steps)[-1]].sqrt().item()
-    out = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, steps, eta, g, x_T=x_T)
+    taus = ddpm.ddim_timesteps(T, steps) + [0]
+    # x0_hat divides by sqrt(alpha_bar_t): rounding grows so, most at the first step, and is carried
+    atol = 1e-12 / s.alpha_bar[T].sqrt().item()
+    out, xs = ddpm.sample_ddim(oracle_eps(x0, s), s, x0.shape, gen(1), steps, x_T, True, eta=eta)
+    replay = gen(1)
+    for t, t_next, xt, x_next in zip(taus, taus[1:], xs, xs[1:]):
+        ab, ab_next = s.alpha_bar[t], s.alpha_bar[t_next]
+        var = eta**2 * (1 - ab_next) / (1 - ab) * (1 - ab / ab_next)
+        z = torch.randn(x0.shape, generator=replay, dtype=F64) if eta > 0 else 0
+        e_t = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+        noise = (1 - ab_next - var).clamp(min=0).sqrt() * e_t + var.sqrt() * z
+        assert torch.allclose(x_next, ab_next.sqrt() * x0 + noise, atol=atol, rtol=0), t
     assert torch.allclose(out, x0, atol=atol, rtol=0)
 
 
@@ -693,7 +719,7 @@ def test_ddim_error_shrinks_as_steps_grow(kind):
     x_T = torch.randn(N, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
     errors = []
     for steps in (10, 20, 50, 100, 1000):
-        x = ddpm.sample_ddim(gaussian_eps(0.5, 0.3, s), s, (N, 1), steps, 0.0, x_T=x_T)
+        x = ddpm.sample_ddim(gaussian_eps(0.5, 0.3, s), s, (N, 1), steps=steps, x_T=x_T)
         assert moments_ok(x, 0.5, 0.3, 10 / steps)
         errors.append(abs(x.var().item() / 0.3**2 - 1))
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 0.02
@@ -713,15 +739,8 @@ def test_ddim_on_the_full_grid_matches_gaussian_data(mu, s, T, eta):
     s = 0.1, eta = 1). So 6% (the worst corner, -4.9%, plus a margin) is allowed on top of 5 SE."""
     sched, N = ddpm.make_schedule("linear", T), 20_000
     g = torch.Generator().manual_seed(0)
-    x = ddpm.sample_ddim(
-        gaussian_eps(mu, s, sched),
-        sched,
-        (N, 1),
-        T,
-        eta,
-        g,
-        x_T=torch.randn(N, 1, generator=g, dtype=F64),
-    )
+    x_T = torch.randn(N, 1, generator=g, dtype=F64)
+    x = ddpm.sample_ddim(gaussian_eps(mu, s, sched), sched, (N, 1), g, T, x_T, eta=eta)
     assert moments_ok(x, mu, s, 0.06)
 
 
@@ -739,7 +758,7 @@ def test_refined_encoding_inverts_ddim_on_gaussian_data_and_the_papers_does_not(
         error = []
         for refine in (0, 2, 5, 60):
             x_T = ddpm.ddim_encode(eps, s, x0, steps, refine)
-            back = ddpm.sample_ddim(eps, s, x0.shape, steps, x_T=x_T)
+            back = ddpm.sample_ddim(eps, s, x0.shape, steps=steps, x_T=x_T)
             error.append((back - x0).pow(2).mean().sqrt().item())
         assert error[0] > 1e-3 and all(a > b for a, b in zip(error, error[1:3])), error
         assert error[-1] < 1e-12, (steps, error)
@@ -807,7 +826,8 @@ def test_ddpm_mix_is_affine_in_lam_and_each_end_decodes_its_own_image():
     out = {lam: ddpm.ddpm_mix(model, s, x0, x0_prime, lam, t, eps, gen(2)) for lam in (0, 0.3, 1)}
     for lam, image in ((0, x0), (1, x0_prime)):
         x_t = ddpm.q_sample(image, torch.full((2,), t), eps, s)
-        alone = ddpm.sample_ddpm(model, s, x0.shape, gen(2), x_T=x_t, t_start=t)
+        first_t = ddpm.schedule_of(s.beta[1 : t + 1])  # the reverse process from step t
+        alone = ddpm.sample_ddpm(model, first_t, x0.shape, gen(2), x_T=x_t)
         assert torch.allclose(out[lam], alone, atol=1e-12)
     assert torch.allclose(out[0.3], 0.7 * out[0] + 0.3 * out[1], atol=1e-12)
     assert (out[1] - out[0]).abs().max() > 0.1
@@ -961,8 +981,11 @@ def test_the_shipped_weights_still_denoise_the_digits_they_drew():
 
 @settings(deadline=None, max_examples=60)
 @given(kind=kinds, T=st.integers(1, 2000), data=st.data())
+@example(kind="linear", T=1000, data=3)  # the "even in lambda" branch, at both of its ends
+@example(kind="linear", T=1000, data=10)
 def test_dpm_timesteps_are_distinct_from_T_to_1_and_even_in_lambda(kind, T, data):
-    s, steps = ddpm.make_schedule(kind, max(T, 2)), data.draw(st.integers(1, T))
+    steps = data if isinstance(data, int) else data.draw(st.integers(1, T))
+    s = ddpm.make_schedule(kind, max(T, 2))
     taus = ddpm.dpm_timesteps(s, steps)
     assert len(taus) == steps and taus[0] == s.T and all(a > b for a, b in zip(taus, taus[1:]))
     assert taus[-1] == (1 if steps > 1 else s.T)
@@ -976,22 +999,27 @@ def test_dpm_timesteps_are_distinct_from_T_to_1_and_even_in_lambda(kind, T, data
 @settings(deadline=None, max_examples=30)
 @given(kind=kinds, T=st.integers(2, 1000), data=st.data())
 @example(kind="linear", T=1000, data=None)
-def test_dpm_solver_with_the_true_noise_returns_x0_in_exactly_steps_calls(kind, T, data):
-    """With the true noise every x0_hat is x_0, so the extrapolation D_i is x_0 too: a point mass
-    lands."""
+def test_dpm_solver_with_the_true_noise_keeps_every_x_t_on_the_line_of_x0(kind, T, data):
+    """With the true noise every x0_hat is x_0, so the extrapolation D_i is x_0 too, and each step,
+    exact for a constant data prediction, keeps x_t on the line sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
+    of x_T's own eps: checked at every step (a wrong step coefficient fails there; the last step
+    alone returns x_0 whatever came before), one network call a step."""
     s, g = ddpm.make_schedule(kind, T), torch.Generator().manual_seed(T)
     steps, calls = (data.draw(st.integers(1, min(T, 50))) if data else 20), []
     x0 = torch.randn(3, 2, 4, generator=g, dtype=F64) * 2
+    x_T = torch.randn(x0.shape, generator=g, dtype=F64)
+    ab = s.alpha_bar
+    eps = (x_T - ab[T].sqrt() * x0) / (1 - ab[T]).sqrt()
 
     def counting(xt, t):
         calls.append(t[0].item())
         return oracle_eps(x0, s)(xt, t)
 
-    out = ddpm.sample_dpm(
-        counting, s, x0.shape, steps, x_T=torch.randn(x0.shape, generator=g, dtype=F64)
-    )
+    out, xs = ddpm.sample_dpm(counting, s, x0.shape, steps=steps, x_T=x_T, trajectory=True)
     assert calls == ddpm.dpm_timesteps(s, steps)
-    atol = 1e-12 / s.alpha_bar[calls[-1]].sqrt().item()  # as for DDIM
+    atol = 1e-12 / ab[T].sqrt().item()  # as for DDIM
+    for t, x in zip(calls + [0], xs):
+        assert torch.allclose(x, ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * eps, atol=atol, rtol=0), t
     assert torch.allclose(out, x0, atol=atol, rtol=0)
 
 
@@ -1007,7 +1035,7 @@ def test_dpm_solver_keeps_gaussian_data_better_than_ddim_at_the_same_calls(kind)
         err = {}
         for order in (1, 2):
             sampler = ddpm.sample_ddim if order == 1 else ddpm.sample_dpm
-            x = sampler(gaussian_eps(0.5, 0.3, s), s, (N, 1), steps, x_T=x_T)
+            x = sampler(gaussian_eps(0.5, 0.3, s), s, (N, 1), steps=steps, x_T=x_T)
             assert abs(x.mean().item() - 0.5) < 5 * 0.3 / math.sqrt(N)
             err[order] = abs(x.var().item() / 0.3**2 - 1)
         assert err[2] < 0.1 and 3 * err[2] < err[1]
@@ -1029,9 +1057,9 @@ def test_samples_land_on_the_data_points_with_their_frequencies(sampler, kind):
     if name == "ddpm":
         x = ddpm.sample_ddpm(points_eps(s), s, (N, 2), g, sigma2=opts[0], x_T=x_T)
     elif name == "dpm":
-        x = ddpm.sample_dpm(points_eps(s), s, (N, 2), int(opts[0]), x_T=x_T)
+        x = ddpm.sample_dpm(points_eps(s), s, (N, 2), steps=int(opts[0]), x_T=x_T)
     else:
-        x = ddpm.sample_ddim(points_eps(s), s, (N, 2), int(opts[0]), float(opts[1]), g, x_T=x_T)
+        x = ddpm.sample_ddim(points_eps(s), s, (N, 2), g, int(opts[0]), x_T, eta=float(opts[1]))
     dist, nearest = torch.cdist(x, POINTS).min(1)
     assert dist.max() < 1e-6
     share = torch.bincount(nearest, minlength=3) / N
@@ -1077,7 +1105,6 @@ def test_each_drawn_label_is_distributed_as_the_stored_frequencies():
 def test_guidance_is_linear_in_w_and_one_batched_call_equals_two():
     torch.manual_seed(0)
     model = ddpm.UNet(1, ch=8, ch_mult=(1, 2), n_res=1, n_classes=3).eval()
-    s = ddpm.make_schedule("linear", 1000)
     x = torch.randn(4, 1, 8, 8)
     t = torch.tensor([1, 200, 500, 999])
     y = torch.tensor([0, 1, 2, 1])
@@ -1094,19 +1121,19 @@ def test_guidance_is_linear_in_w_and_one_batched_call_equals_two():
         assert not torch.allclose(e_y, e_none, atol=1e-4)  # the label matters
         for w in (0.0, 1.0, 3.0):
             calls.clear()
-            out = ddpm.sampling_eps_model(counting, s, y, w)[1](x, t)
+            out = ddpm.guided(counting, y, w)(x, t)
             assert len(calls) == 1  # both predictions in one forward pass
             assert torch.allclose(out, (1 + w) * e_y - w * e_none, atol=1e-5)
         # w = 0: the conditional prediction, from a call of 4 (not 8)
         calls.clear()
-        assert torch.equal(ddpm.sampling_eps_model(counting, s, y, 0.0)[1](x, t), model(x, t, y))
+        assert torch.equal(ddpm.guided(counting, y, 0.0)(x, t), model(x, t, y))
         assert len(calls[0][0]) == 4
         # in an interval: w at 200 and 500 (the bounds count), 0 at 1 and 999
         w_t = torch.tensor([0.0, 2.0, 2.0, 0.0]).view(4, 1, 1, 1)
-        out = ddpm.sampling_eps_model(counting, s, y, 2.0, (200, 500))[1](x, t)
+        out = ddpm.guided(counting, y, 2.0, (200, 500))(x, t)
         assert torch.allclose(out, (1 + w_t) * e_y - w_t * e_none, atol=1e-5)
         calls.clear()  # no t inside: the conditional prediction, from a call of 4
-        guided = ddpm.sampling_eps_model(counting, s, y, 2.0, (1000, 2000))[1]
+        guided = ddpm.guided(counting, y, 2.0, (1000, 2000))
         assert torch.equal(guided(x, t), model(x, t, y))
         assert len(calls[0][0]) == 4
 
@@ -1136,11 +1163,11 @@ def test_guided_sampling_lands_on_the_asked_class_and_unguided_on_both(sampler):
     oracle, x_T = TwoPointOracle(s), torch.randn(N, 2, generator=gen(0), dtype=F64)
     run = {
         "ddpm": lambda m: ddpm.sample_ddpm(m, s, (N, 2), gen(1), x_T=x_T),
-        "ddim": lambda m: ddpm.sample_ddim(m, s, (N, 2), 50, x_T=x_T),
-        "dpm": lambda m: ddpm.sample_dpm(m, s, (N, 2), 20, x_T=x_T),
+        "ddim": lambda m: ddpm.sample_ddim(m, s, (N, 2), steps=50, x_T=x_T),
+        "dpm": lambda m: ddpm.sample_dpm(m, s, (N, 2), steps=20, x_T=x_T),
     }[sampler]
     for k in (0, 1):
-        x = run(ddpm.sampling_eps_model(oracle, s, torch.full((N,), k), 3.0)[1])
+        x = run(ddpm.guided(oracle, torch.full((N,), k), 3.0))
         assert (x - oracle.P[k]).norm(dim=1).max() < 1e-6
     x = run(lambda xt, t: oracle(xt, t, torch.full((len(xt),), 2)))
     dist, nearest = torch.cdist(x, oracle.P).min(1)
@@ -1158,7 +1185,7 @@ def test_clipped_x0_is_ho_et_al_s_route_clip_then_posterior_mean():
     so a missing or misplaced clip fails; where it stays inside, the noise is the model's own."""
     s = ddpm.make_schedule("linear", 200)
     x_T = torch.randn(3, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
-    _, clipped = ddpm.sampling_eps_model(as_net(toy_eps), s, clip=True)
+    clipped = ddpm.clipped(toy_eps, s)
     _, xs = ddpm.sample_ddpm(
         clipped, s, x_T.shape, torch.Generator().manual_seed(2), x_T=x_T, trajectory=True
     )
@@ -1184,15 +1211,15 @@ def test_clipped_samples_of_every_sampler_lie_in_the_data_range(sampler):
     x_T = torch.randn(64, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     run = {
         "ddpm": lambda m: ddpm.sample_ddpm(m, s, x_T.shape, torch.Generator(), x_T=x_T),
-        "ddim": lambda m: ddpm.sample_ddim(m, s, x_T.shape, 10, x_T=x_T),
-        "dpm": lambda m: ddpm.sample_dpm(m, s, x_T.shape, 10, x_T=x_T),
+        "ddim": lambda m: ddpm.sample_ddim(m, s, x_T.shape, steps=10, x_T=x_T),
+        "dpm": lambda m: ddpm.sample_dpm(m, s, x_T.shape, steps=10, x_T=x_T),
     }[sampler]
 
     def zero(xt, t):
         return torch.zeros_like(xt)
 
     assert run(zero).abs().max() > 10
-    assert run(ddpm.sampling_eps_model(as_net(zero), s, clip=True)[1]).abs().max() <= 1 + 1e-9
+    assert run(ddpm.clipped(zero, s)).abs().max() <= 1 + 1e-9
 
 
 @settings(deadline=None, max_examples=20)
@@ -1205,19 +1232,52 @@ def test_algorithm_2_on_the_respaced_schedule_is_ddim_at_eta_1(kind, T, data):
     s = ddpm.make_schedule(kind, T)
     steps = data.draw(st.integers(1, T))
     eps = gaussian_eps(0.5, 0.3, s)  # bounded values: the gaps are not rounding
-    sub, eps_sub = ddpm.sampling_eps_model(as_net(eps), s, steps=steps)
+    sub, _ = ddpm.respace(s, steps)
     assert sub.T == steps and torch.allclose(
         sub.alpha_bar[1:], s.alpha_bar[ddpm.ddim_timesteps(T, steps)[::-1]], rtol=1e-12
     )
     if steps == T:
         assert torch.allclose(sub.beta, s.beta, rtol=1e-9, atol=1e-15)
     x_T = torch.randn(3, 1, 4, 4, generator=gen(0), dtype=F64)
-    ddim = ddpm.sample_ddim(eps, s, x_T.shape, steps, 1.0, gen(1), x_T=x_T)
-    alg2 = ddpm.sample_ddpm(eps_sub, sub, x_T.shape, gen(1), "beta_tilde", x_T=x_T)
+    ddim = ddpm.sample_ddim(eps, s, x_T.shape, gen(1), steps, x_T, eta=1.0)
+    alg2 = ddpm.sample_ddpm(eps, s, x_T.shape, gen(1), steps, x_T, sigma2="beta_tilde")
     assert torch.allclose(ddim, alg2, atol=1e-7, rtol=0)
     if steps > 2:
-        hat = ddpm.sample_ddpm(eps_sub, sub, x_T.shape, gen(1), "beta", x_T=x_T)
+        hat = ddpm.sample_ddpm(eps, s, x_T.shape, gen(1), steps, x_T, sigma2="beta")
         assert not torch.allclose(ddim, hat, atol=1e-3, rtol=1e-3)
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    kind=kinds,
+    T=st.integers(20, 400),
+    sigma2=st.sampled_from(["beta_tilde", "beta"]),
+    data=st.data(),
+)
+def test_algorithm_2_with_fewer_steps_is_algorithm_2_on_the_sub_sequence(kind, T, sigma2, data):
+    """sample_ddpm with S < T steps, value for value at every step, against Algorithm 2 written out
+    here on DDIM's sub-sequence tau: alpha_bar'_i = alpha_bar[tau_i], beta'_i = 1 - alpha_bar'_i /
+    alpha_bar'_{i-1}, sigma_i^2 = beta'_i or (1 - alpha_bar'_{i-1}) / (1 - alpha_bar'_i) beta'_i,
+    the network called at t = tau_i (toy_eps depends on t), z replayed from the generator."""
+    s, steps = ddpm.make_schedule(kind, T), data.draw(st.integers(2, T - 1))
+    tau = [0] + ddpm.ddim_timesteps(T, steps)[::-1]
+    ab = s.alpha_bar[tau]
+    x_T, calls = torch.randn(3, 1, 4, 4, generator=gen(0), dtype=F64), []
+
+    def eps_model(xt, t):
+        calls.append(t[0].item())
+        return toy_eps(xt, t)
+
+    _, xs = ddpm.sample_ddpm(eps_model, s, x_T.shape, gen(1), steps, x_T, True, sigma2=sigma2)
+    replay, x = gen(1), x_T
+    for i in range(steps, 0, -1):
+        z = torch.randn(x.shape, generator=replay, dtype=F64) if i > 1 else 0
+        beta = 1 - ab[i] / ab[i - 1]
+        var = beta if sigma2 == "beta" else (1 - ab[i - 1]) / (1 - ab[i]) * beta
+        eps = toy_eps(x, torch.full((3,), tau[i]))
+        x = (x - beta / (1 - ab[i]).sqrt() * eps) / (1 - beta).sqrt() + var.sqrt() * z
+        assert torch.allclose(xs[steps - i + 1], x, atol=1e-10, rtol=0), i
+    assert calls == tau[:0:-1] and len(xs) == steps + 1
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1407,15 +1467,15 @@ def test_trained_samplers_land_on_the_roll_and_broken_ones_do_not(roll):
     with torch.no_grad():
         good = {
             "ddpm": sw(ddpm.sample_ddpm(model, sched, (n, 2), gen(4))),
-            "ddim": sw(ddpm.sample_ddim(model, sched, (n, 2), 50, generator=gen(4))),
-            "dpm 15": sw(ddpm.sample_dpm(model, sched, (n, 2), 15, generator=gen(4))),
+            "ddim": sw(ddpm.sample_ddim(model, sched, (n, 2), gen(4), 50)),
+            "dpm 15": sw(ddpm.sample_dpm(model, sched, (n, 2), gen(4), 15)),
         }
         with ddpm.autocast(torch.device("cpu"), "bf16"):  # the network in bf16, the sampler in fp32
-            good["ddim bf16"] = sw(ddpm.sample_ddim(model, sched, (n, 2), 50, generator=gen(4)))
+            good["ddim bf16"] = sw(ddpm.sample_ddim(model, sched, (n, 2), gen(4), 50))
         bad = {
             "N(0, I)": sw(torch.randn(n, 2, generator=gen(4))),
             "t ignored": sw(ddpm.sample_ddpm(t_ignored, sched, (n, 2), gen(4))),
-            "untrained": sw(ddpm.sample_ddim(untrained, sched, (n, 2), 50, generator=gen(4))),
+            "untrained": sw(ddpm.sample_ddim(untrained, sched, (n, 2), gen(4), 50)),
         }
     print(
         f"sliced W2: floor {floor:.4f} | "
@@ -1438,7 +1498,7 @@ def test_the_reconstruction_error_shrinks_as_steps_grow_and_refining_cuts_it(rol
         for steps in (10, 50, 200):
             for refine in errors:
                 x_T = ddpm.ddim_encode(model, sched, x0, steps, refine)
-                back = ddpm.sample_ddim(model, sched, x0.shape, steps, x_T=x_T)
+                back = ddpm.sample_ddim(model, sched, x0.shape, steps=steps, x_T=x_T)
                 errors[refine].append((back - x0).pow(2).mean().sqrt().item())
                 assert (x_T - x0).pow(2).mean().sqrt() > 0.1 and 0.6 < x_T.std() < 1.4
     paper, refined = errors[0], errors[2]
@@ -1747,17 +1807,14 @@ def test_sample_writes_png_npz_and_gif(trained):
     )
 
 
-def spy_on_clipping(monkeypatch):  # the clip each sampling eps-model is built with, in order
-    clips, build = [], ddpm.sampling_eps_model
-    signature = inspect.signature(build)
+def spy_on_clipping(monkeypatch):  # a True each time an eps-model is wrapped in ddpm.clipped
+    clips, clipped = [], ddpm.clipped
 
-    def building(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        clips.append(bound.arguments["clip"])
-        return build(*args, **kwargs)
+    def clipping(*args):
+        clips.append(True)
+        return clipped(*args)
 
-    monkeypatch.setattr(ddpm, "sampling_eps_model", building)
+    monkeypatch.setattr(ddpm, "clipped", clipping)
     return clips
 
 
@@ -1768,7 +1825,7 @@ def test_sample_clips_x0_of_images_unless_told_not_to(trained, monkeypatch):
         clips.clear()
         out = d / "clip.npz"
         assert cli(f"sample --ckpt {ckpt} --sampler ddim --steps 2 --n 2 --out {out} {flags}") == 0
-        assert clips == [clip], flags
+        assert clips == [True] * clip, flags
 
 
 def test_same_seed_gives_the_same_file(trained):
@@ -2084,3 +2141,51 @@ def test_the_index_names_only_tests_that_exist():
     names -= {"beta_tilde", "sigma_hat", "sigma_t", "x0_hat", "x_0", "x_t"}
     names -= {"test_nll", "test_reconstruct", "test_interpolate", "test_table2"}  # experiments/
     assert len(names) > 40 and not {n for n in names if f"test_{n}" not in defined}
+
+
+def test_experiments_use_the_stated_api_of_ddpm_py_and_all_of_it():
+    """The scripts in experiments/ reach ddpm.py only through the names of ddpm.__all__, and every
+    name listed there is used by one of them (the list is the API, not a wish list)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    import ast
+
+    used = set()
+    for name in os.listdir(os.path.join(here, "experiments")):
+        if name.endswith(".py") and not name.startswith("test_"):
+            with open(os.path.join(here, "experiments", name)) as f:
+                nodes = ast.walk(ast.parse(f.read()))
+            attributes = [n for n in nodes if isinstance(n, ast.Attribute)]
+            used |= {a.attr for a in attributes if getattr(a.value, "id", None) == "ddpm"}
+    assert used == set(ddpm.__all__), (used - set(ddpm.__all__), set(ddpm.__all__) - used)
+    assert all(hasattr(ddpm, name) for name in ddpm.__all__)
+
+
+def test_every_name_in_ddpm_py_is_defined_before_it_is_used():
+    """README's promise, read off the syntax tree: no top-level definition of ddpm.py refers to a
+    module-level name of ddpm.py that is defined further down (the `if __name__` block aside)."""
+    import ast
+
+    with open(ddpm.__file__) as f:
+        tree = ast.parse(f.read())
+    defined = {}  # name: the line of its first definition
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []
+        targets += [t for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for t in targets:
+            defined.setdefault(getattr(t, "name", None) or t.id, node.lineno)
+    late = []
+    for node in tree.body:
+        if isinstance(node, ast.If):  # if __name__ == "__main__"
+            continue
+        names = [n for n in ast.walk(node) if isinstance(n, ast.Name)]
+        local = {n.id for n in names if isinstance(n.ctx, ast.Store)}
+        local |= {
+            a.arg
+            for n in ast.walk(node)
+            if isinstance(n, ast.arguments)
+            for a in n.args + n.kwonlyargs
+        }
+        for n in names:
+            if n.id not in local and defined.get(n.id, 0) > node.lineno:
+                late.append(f"{n.id} (line {defined[n.id]}) in line {node.lineno}")
+    assert not late, late
