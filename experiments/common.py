@@ -1,7 +1,6 @@
 """What the measurement scripts share: `ddpm` importable from here, the flags each of them has, and
 the checkpoint they measure (without --ckpt, the model shipped in samples/)."""
 
-import argparse
 import os
 import sys
 
@@ -28,10 +27,9 @@ def system_flags(precision_why=FP32_WHY, seed=True):  # the rows of ddpm's flag 
     return rows if seed else rows[:2] + rows[3:]
 
 
-def main(command, rows, argv=None):  # parse the flags, run the command: a UserError is one line
+def main(command, rows, argv=None):  # a script of one command: ddpm.py's command line for it
     description = sys.modules[command.__module__].__doc__.splitlines()[0]
-    parser = argparse.ArgumentParser(description=description, formatter_class=ddpm.HELP)
-    return ddpm.run_command(command, ddpm.add_flags(parser, rows).parse_args(argv), rows)
+    return ddpm.command_line(description, {None: (command, None, rows)}, argv)
 
 
 def load(args, cell=False):

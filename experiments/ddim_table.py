@@ -4,16 +4,16 @@
     python experiments/ddim_table.py --clf clf.pt --data-dir ../shared/data --n 300 --out table
 
 Each cell is `ddpm.py sample --sampler ddim --steps S --eta ETA --guidance 0 --n N --seed 0` (the
-sigma_hat row: `--sampler ddpm --steps S --sigma2 beta`, Algorithm 2 on the sub-sequence), saved as
-OUT/<cell>.npz and judged against the test split: the share of confident digits and the Frechet
-distance in the classifier's features, over the floor of N real training images. A cell whose .npz
-exists is judged, not sampled again, so a stopped run resumes. Every cell starts from the same x_T
-(the same seed), so OUT/fig5.png shows DDIM's Fig. 5: the first 8 samples at eta = 0, a row an S;
-and it prints how often each S gives the digit S = 1000 gives from the same x_T. OUT/eta.png: the
-first 8 samples at S = 10, a row an eta (0, 0.2, 0.5, 1, sigma_hat): what eta does to the pixels.
+sigma_hat row: `--sampler ddpm --steps S --sigma2 beta`, Algorithm 2 on the sub-sequence), for each
+S of --steps and then S = T at eta 0 and 1, saved as OUT/<cell>.npz and judged against the test
+split: the share of confident digits and the Frechet distance in the classifier's features, over
+the floor of N real training images. A cell whose .npz exists is judged, not sampled again, so a
+stopped run resumes. Every cell starts from the same x_T (the same seed), so OUT/fig5.png shows
+DDIM's Fig. 5: the first 8 samples at eta = 0, a row an S; and it prints how often each S gives
+the digit S = T gives from the same x_T. OUT/eta.png: the first 8 samples at the first S, a row an
+eta (0, 0.2, 0.5, 1, sigma_hat): what eta does to the pixels.
 """
 
-import argparse
 import os
 import time
 
@@ -24,9 +24,7 @@ import torch
 
 import ddpm
 
-CELLS = [(S, eta) for S in (10, 20, 50, 100) for eta in ("0", "0.2", "0.5", "1", "hat")]
-CELLS += [(1000, "0"), (1000, "1")]
-STEPS = (10, 20, 50, 100, 1000)  # the rows of Fig. 5
+ETAS = ("0", "0.2", "0.5", "1", "hat")  # "hat": DDIM's sigma_hat row
 
 
 def sample_flags(S, eta):
@@ -35,58 +33,52 @@ def sample_flags(S, eta):
     return ["--sampler", "ddim", "--steps", str(S), "--eta", eta]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clf", default="clf.pt", help="from experiments/quality.py train")
-    parser.add_argument("--data-dir", default="./data")
-    parser.add_argument("--ckpt", help="None: the model shipped in samples/")
-    parser.add_argument("--n", type=int, default=300, help="samples a cell")
-    parser.add_argument("--guidance", default="0", help="0: the sampler alone, p(x) itself")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="table", help="a folder for the cells' .npz")
-    args = parser.parse_args()
+def ddim_table(args):
+    ckpt, _ = ddpm.load_checkpoint(args.ckpt or ddpm.SHIPPED, "cpu")  # a bad --ckpt: one line, now
+    T = ckpt["config"]["train"]["T"]
+    if max(args.steps) >= T:
+        raise ddpm.UserError(f"--steps {max(args.steps)}: below T = {T}, which is a row of its own")
     os.makedirs(args.out, exist_ok=True)
-    model = quality.make_classifier()
-    model.load_state_dict(torch.load(args.clf, weights_only=True))
-    model.eval()
-    x_test, _ = quality.mnist(args.data_dir, False)
-    x_train, _ = quality.mnist(args.data_dir, True)
-    with torch.no_grad():
-        reference = model[0](ddpm.to_model_range(x_test)).double()
-    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[: args.n]
-    real, _, _, floor = quality.judge_images(model, x_train[idx], reference)
+    ddpm.check_writable(os.path.join(args.out, "fig5.png"))
+    clf, reference, (real, _, _, floor) = quality.judge_setup(args.clf, args.data_dir, args.n)
     print(f"{args.n} real training images: p > 0.9 {real:.1%}, FD {floor:.2f} (the floor)")
     print("| S | eta | p > 0.9 | FD (x floor) | sampling time |")
     print("| --- | --- | --- | --- | --- |")
-    for S, eta in CELLS:
+    cells = [(S, eta) for S in args.steps for eta in ETAS] + [(T, "0"), (T, "1")]
+    for S, eta in cells:
         path = os.path.join(args.out, f"S{S}_eta{eta}.npz")
         seconds = "(sampled before)"
         if not os.path.exists(path):
             t0 = time.time()
-            flags = sample_flags(S, eta) + ["--guidance", args.guidance, "--n", str(args.n)]
+            flags = sample_flags(S, eta) + ["--guidance", f"{args.guidance:g}", "--n", str(args.n)]
             flags += ["--seed", str(args.seed), "--out", path]
             flags += ["--ckpt", args.ckpt] if args.ckpt else []
-            assert ddpm.main(["sample", *flags]) == 0
+            code = ddpm.main(["sample", *flags])
+            if code:  # ddpm.py has said why, in one line
+                return code
             seconds = f"{time.time() - t0:.0f} s"
-        sure, _, _, fd = quality.judge_images(model, np.load(path)["images"], reference)
+        sure, _, _, fd = quality.judge_images(clf, quality.load_images(path), reference)
         print(
             f"| {S} | {eta} | {sure:.1%} | {fd:.2f} ({fd / floor:.1f}x) | {seconds} |", flush=True
         )
-    at_eta0 = {S: np.load(os.path.join(args.out, f"S{S}_eta0.npz"))["images"] for S in STEPS}
-    print("Fig. 5, eta = 0: each S against S = 1000 from the same x_T")
-    x_1000 = ddpm.to_model_range(torch.as_tensor(at_eta0[1000]))
+    steps = args.steps + [T]  # the rows of Fig. 5
+    at_eta0 = {S: quality.load_images(os.path.join(args.out, f"S{S}_eta0.npz")) for S in steps}
+    print(f"Fig. 5, eta = 0: each S against S = {T} from the same x_T")
+    x_T_steps = ddpm.to_model_range(torch.as_tensor(at_eta0[T]))
     with torch.no_grad():
-        digit_1000 = model(x_1000).argmax(1)
-    for S in STEPS[:-1]:
+        digit_T = clf(x_T_steps).argmax(1)
+    for S in steps[:-1]:
         x = ddpm.to_model_range(torch.as_tensor(at_eta0[S]))
         with torch.no_grad():
-            same = (model(x).argmax(1) == digit_1000).float().mean()
-        rms = ((x - x_1000) / 2).pow(2).mean().sqrt()  # on [0, 1]
+            same = (clf(x).argmax(1) == digit_T).float().mean()
+        rms = ((x - x_T_steps) / 2).pow(2).mean().sqrt()  # on [0, 1]
         print(f"  S = {S}: the same digit {same:.1%}, pixel RMS difference {rms:.3f} on [0, 1]")
-    save_rows(os.path.join(args.out, "fig5.png"), [at_eta0[S] for S in STEPS])
-    at_10 = [np.load(os.path.join(args.out, f"S10_eta{e}.npz"))["images"] for S, e in CELLS[:5]]
-    save_rows(os.path.join(args.out, "eta.png"), at_10)
-    print(f"wrote {args.out}/fig5.png (eta = 0, a row an S), {args.out}/eta.png (S = 10, an eta)")
+    save_rows(os.path.join(args.out, "fig5.png"), [at_eta0[S] for S in steps])
+    first = [os.path.join(args.out, f"S{args.steps[0]}_eta{eta}.npz") for eta in ETAS]
+    save_rows(os.path.join(args.out, "eta.png"), [quality.load_images(p) for p in first])
+    what = f"(eta = 0, a row an S), {args.out}/eta.png (S = {args.steps[0]}, a row an eta)"
+    print(f"wrote {args.out}/fig5.png {what}")
+    return 0
 
 
 def save_rows(path, cells):  # the first 8 samples of each cell, a row a cell
@@ -94,5 +86,21 @@ def save_rows(path, cells):  # the first 8 samples of each cell, a row a cell
     ddpm.save_samples(path, x, nrow=8)
 
 
+FLAGS = [
+    ("--clf", str, "clf.pt", None, "the classifier from experiments/quality.py train"),
+    ("--data-dir", str, "./data", None, "MNIST is read, or downloaded, here"),
+    ("--ckpt", str, None, None, "checkpoint written by train; None: the model shipped in samples/"),
+    ("--steps", ddpm.comma_ints, [10, 20, 50, 100], ddpm.AT_LEAST_1, "S below T, a row each"),
+    ("--n", int, 300, ddpm.AT_LEAST_1, "samples a cell"),
+    ("--guidance", float, 0.0, None, "0: the sampler alone, p(x) itself"),
+    ("--seed", int, 0, None, "the same x_T in every cell"),
+    ("--out", str, "table", None, "a folder for the cells' .npz and the two pictures"),
+]
+
+
+def main(argv=None):
+    return common.main(ddim_table, FLAGS, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

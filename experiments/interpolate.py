@@ -41,14 +41,14 @@ def interpolate(args):
     progress = ddpm.Progress(
         2 * steps * (1 + args.refine) + L * (steps + sum(t_mix) + args.rows * steps)
     )
-    _, no_label = ddpm.sampling_eps_model(model, sched, progress=progress)
+    no_label = ddpm.counted(ddpm.guided(model), progress)
     lam = torch.linspace(0, 1, L, dtype=torch.float64)[:, None]
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     with ddpm.autocast(device, precision):
         x_T = ddpm.ddim_encode(no_label, sched, x0, steps, args.refine)
         z = ddpm.slerp(x_T[:1].expand(L, *shape), x_T[1:].expand(L, *shape), lam)
-        rows = [ddpm.sample_ddim(no_label, sched, z.shape, steps, x_T=z)]
+        rows = [ddpm.sample_ddim(no_label, sched, z.shape, steps=steps, x_T=z)]
         rows += [mix_row(no_label, sched, x0, lam, t, gen) for t in t_mix]
         if args.rows:
             rows += random_rows(model, ckpt, sched, steps, lam, args, gen, progress)
@@ -81,13 +81,12 @@ def random_rows(model, ckpt, sched, steps, lam, args, gen, progress):  # slerps 
     z0 = torch.randn(args.rows, *shape, generator=gen, device=gen.device)
     z1 = torch.randn(args.rows, *shape, generator=gen, device=gen.device)
     z = ddpm.slerp(z0.repeat_interleave(L, 0), z1.repeat_interleave(L, 0), lam.repeat(args.rows, 1))
-    y, w, t_range = ddpm.UNGUIDED
-    if model.config["n_classes"]:  # one label a row, drawn and guided as `sample` does
-        label_freq = ckpt["config"].get("label_freq")
-        y, w, t_range = ddpm.unconditional_labels(label_freq, args.rows, args.seed, sched.T)
-        y = y.repeat_interleave(L).to(gen.device)
-    _, eps_model = ddpm.sampling_eps_model(model, sched, y, w, t_range, progress=progress)
-    x = ddpm.sample_ddim(eps_model, sched, z.shape, steps, x_T=z)
+    label_freq, K = ckpt["config"].get("label_freq"), model.config["n_classes"]
+    # one label a row, drawn and guided as `sample` draws without --class
+    y, w, t_range = ddpm.unconditional_labels(label_freq, K, args.rows, args.seed, sched.T)
+    y = y if y is None else y.repeat_interleave(L).to(gen.device)
+    eps_model = ddpm.counted(ddpm.guided(model, y, w, t_range), progress)
+    x = ddpm.sample_ddim(eps_model, sched, z.shape, steps=steps, x_T=z)
     return list(x.float().split(L))
 
 

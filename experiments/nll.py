@@ -4,7 +4,7 @@ distortion, and Fig. 6's picture of x0_hat along the reverse process.
     python experiments/nll.py --data-dir ../shared/data        # the shipped model: 7 min on 2 cores
     python experiments/nll.py --ckpt ckpt.pt --full --n 100    # every t: T network calls an image
 
-The terms are ddpm.bound_term's (KL terms, the discretized decoder of eq. 13, both sigma_t^2 of
+The terms are ddpm.eps_bound_terms' (KL terms, the discretized decoder of eq. 13, both sigma_t^2 of
 Section 3.2). A conditional net is measured with each image's own label, adding -log p(y) for the
 bound on p(x), and through its "no label" branch on the first --n-rd images. The bound is given
 over the 32 x 32 padded image and over the original 28 x 28 pixels: the padding is deterministic,
@@ -31,9 +31,11 @@ def rd_steps(T):  # where DDPM's Table 4 and Fig. 5 look: t = T, 0.9 T, ..., 0.1
     return [T * (10 - i) // 10 for i in range(10)] + [1]
 
 
-def t_proposal(T):  # q(t) for t = 2..T; q[0] = q[1] = 0: L_0 is always computed
+def t_proposal(T, first=2):
+    """q(t) ~ t^-1.25 for t = first..T, 0 below: the bound here draws t = 2..T (L_0 is always
+    computed); table2.py's objective "L" trains on t = 1..T."""
     q = torch.zeros(T + 1, dtype=torch.float64)
-    q[2:] = torch.arange(2, T + 1, dtype=torch.float64) ** -T_POWER
+    q[first:] = torch.arange(first, T + 1, dtype=torch.float64) ** -T_POWER
     return q / q.sum()
 
 
@@ -69,14 +71,14 @@ def bound_pass(eps_model_of, x0, sched, k=8, generator=None, chunk=256):
         tc = t[:, c : c + cols]  # (n, m)
         m = tc.shape[1]
         i = every.repeat_interleave(m)
-        terms, _ = ddpm.bound_term(eps_model_of(i), x0[i], tc.flatten(), sched, generator)
+        terms, _ = ddpm.eps_bound_terms(eps_model_of(i), x0[i], tc.flatten(), sched, generator)
         weights = w[:, c : c + cols].view(1, n, m, *[1] * (x0.dim() - 1))
         terms = terms.view(2, n, m, *x0.shape[1:]) * weights
         kl += terms.sum(2)
         after = (tc[..., None] >= steps).double()  # (n, m, 11): t_i counts for the steps below
         received += torch.einsum("snm,nmr->snr", terms.flatten(3).sum(3), after)
     first = torch.ones(n, dtype=torch.long, device=x0.device)
-    l0, _ = ddpm.bound_term(eps_model_of(every), x0, first, sched, generator)
+    l0, _ = ddpm.eps_bound_terms(eps_model_of(every), x0, first, sched, generator)
     return ddpm.prior_kl(x0, sched), kl, l0, received
 
 
@@ -125,7 +127,7 @@ def nll(args):
             y = y[b : b + len(x)].to(device)
 
             def eps_model_of(i, y=y):  # images i, each told its own label
-                return ddpm.sampling_eps_model(model, sched, y[i], progress=progress)[1]
+                return ddpm.counted(ddpm.guided(model, y[i]), progress)
 
             # the same draws of t and eps in every branch: their difference is the labels'
             gen = torch.Generator(device).manual_seed(hash((args.seed, b)))

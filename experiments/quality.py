@@ -10,7 +10,7 @@ network in place of Inception). The same numbers for N real training images are 
 at a finite N the distance is not 0, and that floor is what a sample set is compared with.
 """
 
-import argparse
+import io
 import time
 
 import common  # noqa: F401  (makes ddpm importable)
@@ -18,9 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-import ddpm  # the pixel scaling is the reference's own
+import ddpm  # the data and the pixel scaling are the reference's own
 
 
 def make_classifier():
@@ -38,13 +37,40 @@ def make_classifier():
     return nn.Sequential(features, nn.Linear(128, 10))
 
 
-def mnist(data_dir, train):
-    ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
-    x = F.pad(torch.as_tensor(ds.data), (2, 2, 2, 2)).unsqueeze(1)  # as ddpm.load_data pads
-    return x, torch.as_tensor(ds.targets)
+def mnist(data_dir, train):  # (N, 1, 32, 32) uint8 digits, padded as ddpm.py pads them; labels
+    return ddpm.load_data("mnist", data_dir, train=train)
+
+
+def load_classifier(path):
+    """The classifier `train` wrote, in eval mode; a missing or foreign file is one line."""
+    model = make_classifier()
+    try:
+        model.load_state_dict(torch.load(path, weights_only=True))
+    except FileNotFoundError:
+        why = "train one with: python experiments/quality.py train"
+        raise ddpm.UserError(f"--clf {path}: no such file ({why})") from None
+    except Exception as e:
+        why = f"not a classifier written by quality.py train ({type(e).__name__})"
+        raise ddpm.UserError(f"--clf {path}: {why}") from None
+    return model.eval()
+
+
+def load_images(path):  # the uint8 images of a .npz that ddpm.py sample wrote
+    try:
+        images = np.load(path)["images"]
+    except Exception as e:  # missing, not an .npz, or without "images"
+        why = f"cannot read the images of an .npz from ddpm.py sample ({type(e).__name__})"
+        raise ddpm.UserError(f"{path}: {why}") from None
+    if images.dtype != np.uint8 or images.shape[1:] != (1, 32, 32):
+        shape = "x".join(map(str, images.shape))
+        raise ddpm.UserError(
+            f"{path}: {shape} {images.dtype} images; judge takes N x 1 x 32 x 32 uint8"
+        )
+    return images
 
 
 def train(args):
+    ddpm.check_writable(args.out)
     torch.manual_seed(0)
     x, y = mnist(args.data_dir, True)
     x_test, y_test = mnist(args.data_dir, False)
@@ -64,10 +90,12 @@ def train(args):
         p = model(ddpm.to_model_range(x_test)).softmax(1)
     acc = (p.argmax(1) == y_test).float().mean().item()
     sure = (p.max(1).values > 0.9).float().mean().item()
-    print(
-        f"test accuracy {acc:.2%}, p > 0.9 on {sure:.1%} of test images ({time.time() - t0:.0f} s)"
-    )
-    torch.save(model.state_dict(), args.out)
+    seconds = time.time() - t0
+    print(f"test accuracy {acc:.2%}, p > 0.9 on {sure:.1%} of test images ({seconds:.0f} s)")
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    ddpm.atomic_write(args.out, lambda f: f.write(buffer.getvalue()))
+    return 0
 
 
 def frechet(f1, f2):  # |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), in float64
@@ -92,43 +120,60 @@ def judge_images(model, images, reference):
     return sure.float().mean().item(), hist.tolist(), shares, fd
 
 
+@torch.no_grad()
+def judge_setup(clf, data_dir, n_real):
+    """(the classifier, the test split's features, the floor: judge_images of n_real training
+    images), what every judgement is compared with."""
+    model = load_classifier(clf)
+    x_test, _ = mnist(data_dir, False)
+    x_train, _ = mnist(data_dir, True)
+    reference = model[0](ddpm.to_model_range(x_test)).double()
+    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:n_real]
+    return model, reference, judge_images(model, x_train[idx], reference)
+
+
 def judge(args):
-    model = make_classifier()
-    model.load_state_dict(torch.load(args.clf, weights_only=True))
-    model.eval()
-    x_test, _ = mnist(args.data_dir, False)
-    x_train, _ = mnist(args.data_dir, True)
-    with torch.no_grad():
-        reference = model[0](ddpm.to_model_range(x_test)).double()
-    n = args.n_real
-    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:n]
-    sets = [(f"{n} real training images (the floor)", x_train[idx])]
-    sets += [(path, np.load(path)["images"]) for path in args.npz]
-    floor = None
+    sets = [(path, load_images(path)) for path in args.npz]  # every file read before the work
+    model, reference, floor = judge_setup(args.clf, args.data_dir, args.n_real)
+    sets = [(f"{args.n_real} real training images (the floor)", None)] + sets
     for name, images in sets:
-        sure, hist, shares, fd = judge_images(model, images, reference)
-        floor = floor or fd
+        sure, hist, shares, fd = floor if images is None else judge_images(model, images, reference)
         print(
-            f"{name}: n {len(images)} | p > 0.9: {sure:.1%} | confident per class {hist} "
-            f"({shares.min():.1%}..{shares.max():.1%}) | FD {fd:.2f} ({fd / floor:.1f}x floor)"
+            f"{name}: n {args.n_real if images is None else len(images)} | p > 0.9: {sure:.1%} | "
+            f"confident per class {hist} ({shares.min():.1%}..{shares.max():.1%}) | "
+            f"FD {fd:.2f} ({fd / floor[3]:.1f}x floor)"
         )
+    return 0
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train")
-    tr.add_argument("--data-dir", default="./data")
-    tr.add_argument("--epochs", type=int, default=3)
-    tr.add_argument("--out", default="clf.pt")
-    ju = sub.add_parser("judge")
-    ju.add_argument("npz", nargs="*")
-    ju.add_argument("--clf", default="clf.pt")
-    ju.add_argument("--data-dir", default="./data")
-    ju.add_argument("--n-real", type=int, default=1000, help="real images for the floor")
-    args = parser.parse_args()
-    train(args) if args.cmd == "train" else judge(args)
+DATA_DIR = ("--data-dir", str, "./data", None, "MNIST is read, or downloaded, here")
+CLF = ("--clf", str, "clf.pt", None, "the classifier from quality.py train")
+COMMANDS = {  # name: (what runs, what it does, its flags)
+    "train": (
+        train,
+        "train the judge's classifier on MNIST",
+        [
+            DATA_DIR,
+            ("--epochs", int, 3, ddpm.AT_LEAST_1, "passes over the training split"),
+            ("--out", str, "clf.pt", None, "the classifier's file"),
+        ],
+    ),
+    "judge": (
+        judge,
+        "judge .npz files of samples against the MNIST test split",
+        [
+            ("npz", {"nargs": "*"}, [], None, ".npz files from ddpm.py sample"),
+            CLF,
+            DATA_DIR,
+            ("--n-real", int, 1000, ddpm.AT_LEAST_1, "real images for the floor"),
+        ],
+    ),
+}
+
+
+def main(argv=None):
+    return ddpm.command_line(__doc__.splitlines()[0], COMMANDS, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

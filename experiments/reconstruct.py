@@ -38,11 +38,11 @@ def reconstruct(args):
     for b in range(0, args.n, args.batch_size):
         x0 = ddpm.to_model_range(data[b : min(b + args.batch_size, args.n)].to(device))
         y = labels[b : b + len(x0)].to(device) if K else None  # the same y to encode and decode
-        _, eps_model = ddpm.sampling_eps_model(model, sched, y, progress=progress)
+        eps_model = ddpm.counted(ddpm.guided(model, y), progress)
         for steps, refine in runs:
             with ddpm.autocast(device, precision):
                 x_T = ddpm.ddim_encode(eps_model, sched, x0, steps, refine)
-                x0_back = ddpm.sample_ddim(eps_model, sched, x0.shape, steps, x_T=x_T)
+                x0_back = ddpm.sample_ddim(eps_model, sched, x0.shape, steps=steps, x_T=x_T)
             error = (x0_back.double() - x0.double()) / 2  # on [0, 1]
             mse[(steps, refine)].append(error.pow(2).flatten(1).mean(1).cpu())
             x_T_std[(steps, refine)].append(x_T.double().flatten(1).std(1).cpu())

@@ -26,7 +26,6 @@ Objectives, each a per-image loss in nats per dimension:
         arXiv:2303.09556, for eps-prediction), SNR_t = alpha_bar_t / (1 - alpha_bar_t).
 """
 
-import argparse
 import math
 
 import common
@@ -46,19 +45,13 @@ def eps_from_mu(mu, xt, t, sched):  # eq. (11) solved for eps: the eps whose mea
     return (xt - alpha.sqrt() * mu) * (1 - alpha_bar).sqrt() / beta
 
 
-def mean_from_eps(eps, xt, t, sched):  # eq. (11)
-    beta = ddpm.gather(sched.beta, t, xt)
-    alpha_bar = ddpm.gather(sched.alpha_bar, t, xt)
-    return (xt - beta / (1 - alpha_bar).sqrt() * eps) / ddpm.gather(sched.alpha, t, xt).sqrt()
-
-
 def reverse_process(out, xt, t, sched, param, sigma):
     """(mean, var, eps_theta) of p_theta(x_{t-1} | x_t) from the network's output `out` (C channels,
     or 2 C with a learned sigma); eps_theta is the eps whose eq. (11) mean is `mean`."""
     C = xt.shape[1]
     head, tail = out[:, :C], out[:, C:]
     if param == "eps":
-        eps, mean = head, mean_from_eps(head, xt, t, sched)
+        eps, mean = head, ddpm.p_mean(xt, t, head, sched)
     else:
         eps, mean = eps_from_mu(head, xt, t, sched), head
     if sigma in ddpm.SIGMA2:
@@ -73,37 +66,19 @@ def reverse_process(out, xt, t, sched, param, sigma):
     return mean, var, eps
 
 
-def bound_term(x0, xt, t, mean, var, sched):
-    """Each image's term of eq. (5) at its t, nats per dimension, shaped like x0: the KL from
-    q(x_{t-1} | x_t, x_0) (eqs. 6-7) to N(mean, var) for t >= 2, and L_0 = -log of x_0's bucket
-    under N(mean, var) (eq. 13) for t = 1. x0 on the 8-bit grid, in [-1, 1]."""
-    q_mean, q_var = ddpm.q_posterior(x0, xt, t, sched)
-    first = (t == 1).view(-1, *[1] * (x0.dim() - 1))
-    q_var = torch.where(first, torch.ones_like(q_var), q_var)  # beta_tilde_1 = 0: unused at t = 1
-    kl = ddpm.normal_kl(q_mean, q_var.expand_as(x0), mean, var)
-    p = ddpm.bucket_probability(x0, mean, var.sqrt()).to(x0.dtype)
-    nll = -p.clamp(min=torch.finfo(p.dtype).tiny).log()
-    return torch.where(first, nll, kl)
-
-
 def min_snr_weight(t, sched, gamma=GAMMA):  # min(SNR_t, gamma) / SNR_t, a weight per image
     snr = sched.alpha_bar[t.cpu()] / (1 - sched.alpha_bar[t.cpu()])
     return (snr.clamp(max=gamma) / snr).to(t.device)
 
 
-def t_proposal(T):  # q(t) on 1..T for the bound's training estimate: ~ t^-1.25, as nll.py's draws
-    q = torch.zeros(T + 1, dtype=torch.float64)
-    q[1:] = torch.arange(1, T + 1, dtype=torch.float64) ** -1.25
-    return q / q.sum()
-
-
 def draw_t(objective, n, T, generator=None):
-    """(t, weight) for n images: "L" draws t ~ t_proposal with weight 1 / q(t), so that the mean of
-    weight * L_{t-1} is sum_t L_{t-1}; every other objective draws t uniformly (Algorithm 1)."""
+    """(t, weight) for n images: "L" draws t from nll.t_proposal on 1..T (t = 1 too: L_0 is
+    trained) with weight 1 / q(t), so that the mean of weight * L_{t-1} is sum_t L_{t-1}; every
+    other objective draws t uniformly (Algorithm 1)."""
     if objective != "L":
         t = torch.randint(1, T + 1, (n,), generator=generator)
         return t, torch.ones(n, dtype=torch.float64)
-    q = t_proposal(T)
+    q = nll.t_proposal(T, first=1)
     t = torch.multinomial(q, n, replacement=True, generator=generator)
     return t, 1 / q[t]
 
@@ -114,7 +89,7 @@ def loss(objective, out, x0, xt, t, eps, weight, sched, param, sigma):
     mean, var, eps_theta = reverse_process(out, xt, t, sched, param, sigma)
     per_dim = lambda v: v.flatten(1).mean(1)  # noqa: E731
     if objective == "L":
-        return weight.to(out.dtype) * per_dim(bound_term(x0, xt, t, mean, var, sched))
+        return weight.to(out.dtype) * per_dim(ddpm.bound_term(x0, xt, t, mean, var, sched))
     if objective == "mse_mu":
         q_mean, _ = ddpm.q_posterior(x0, xt, t, sched)
         return per_dim((q_mean - mean) ** 2)
@@ -123,7 +98,9 @@ def loss(objective, out, x0, xt, t, eps, weight, sched, param, sigma):
         return simple
     if objective == "min_snr":
         return min_snr_weight(t, sched).to(out.dtype) * simple
-    vlb = bound_term(x0, xt, t, mean.detach(), var, sched)  # "hybrid": the bound trains var only
+    vlb = ddpm.bound_term(
+        x0, xt, t, mean.detach(), var, sched
+    )  # "hybrid": the bound trains var only
     return simple + HYBRID_LAM * sched.T * per_dim(vlb)
 
 
@@ -163,14 +140,13 @@ def cell_loss(param, sigma, objective):
 # --- The grid's commands: train a cell, sample it, bound it -------------------------------------
 def train(args):
     """ddpm.py's `train` with the cell's output channels and objective; --resume takes the cell
-    from its checkpoint, as ddpm.py takes the run's other definitions."""
-    if args.resume:
-        args.cell = ddpm.load_checkpoint(args.resume, "cpu")[0]["config"]["train"].get("cell")
-        if args.cell not in CELLS:
-            raise ddpm.UserError(f"--resume {args.resume}: not a table2.py checkpoint")
-    param, sigma, objective, _ = CELLS[args.cell]
-    out_ch = out_channels(sigma, 3 if args.dataset == "cifar10" else 1)
-    return ddpm.train(args, out_ch, cell_loss(param, sigma, objective))
+    from its checkpoint, as ddpm.py takes the rest of the run's definition."""
+    cfg = ddpm.run_config(args)
+    if args.resume and "cell" not in ddpm.load_checkpoint(args.resume, "cpu")[0]["config"]["train"]:
+        raise ddpm.UserError(f"--resume {args.resume}: not a table2.py checkpoint")
+    param, sigma, objective, _ = CELLS[cfg.cell]
+    out_ch = out_channels(sigma, 3 if cfg.dataset == "cifar10" else 1)
+    return ddpm.train(cfg, out_ch, cell_loss(param, sigma, objective))
 
 
 def load(args):  # (device, precision, checkpoint, EMA network, schedule, its cell's param, sigma)
@@ -203,7 +179,7 @@ def sample_cell(net, sched, shape, generator, param, sigma, steps=None, progress
         t = tau.to(x.device)[i]
         out = net(x, t).to(x.dtype)
         _, var, eps = reverse_process(out, x, t, sched, param, sigma)
-        mean = mean_from_eps(eps, x, i, sub)
+        mean = ddpm.p_mean(x, i, eps, sub)
         z = ddpm.noise_like(x, generator) if step > 1 else 0
         x = mean + step_variance(var, t, i, sched, sub).sqrt() * z
         if progress:
@@ -249,7 +225,7 @@ def bound_pass(net, x0, sched, param, sigmas, k, generator):
         xt = xt.double()
         for s, sigma in enumerate(sigmas):
             mean, var, _ = reverse_process(out, xt, tc, sched, param, sigma)
-            term = bound_term(x0.double(), xt, tc, mean, var, sched)
+            term = ddpm.bound_term(x0.double(), xt, tc, mean, var, sched)
             if c < k:
                 terms[s, 1] += w[:, c] * term
             else:
@@ -309,7 +285,7 @@ BOUND_FLAGS += [
     ("--t-draws", int, 4, ddpm.AT_LEAST_1, "t drawn per image from q(t) ~ t^-1.25"),
     ("--batch-size", int, 250, ddpm.AT_LEAST_1, "test images per batch"),
 ]
-COMMANDS = {
+COMMANDS = {  # name: (what runs, what it does, its flags)
     "train": (train, "train a cell (ddpm.py train's flags, and --cell)", TRAIN_FLAGS),
     "sample": (sample, "Algorithm 2 with the cell's mean and variance", SAMPLE_FLAGS),
     "bound": (bound, "eq. (5) on the test split with the cell's variance", BOUND_FLAGS),
@@ -317,13 +293,7 @@ COMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=ddpm.HELP)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, (_, what, rows) in COMMANDS.items():
-        ddpm.add_flags(sub.add_parser(name, help=what, formatter_class=ddpm.HELP), rows)
-    args = parser.parse_args(argv)
-    command, _, rows = COMMANDS[args.cmd]
-    return ddpm.run_command(command, args, rows)
+    return ddpm.command_line(__doc__.splitlines()[0], COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import table2
 import torch
 
 import ddpm
-from conftest import F64, TINY, as_net, gen, pixel_grid_image, toy_eps, write_mnist
+from conftest import F64, TINY, gen, pixel_grid_image, toy_eps, write_mnist
 
 
 def gaussian_x0_mean(mu, s, sched):  # E[x_0 | x_t] for data N(mu, s^2): linear in x_t
@@ -50,7 +50,7 @@ def test_mu_prediction_of_the_exact_posterior_mean_is_the_eps_route_draw_for_dra
 def test_the_training_estimate_of_L_is_unbiased_for_the_sum_of_eq_5():
     """eps-prediction with sigma^2 = beta_tilde, toy_eps, T = 100, one image on the pixel grid,
     20,000 copies each with its own t ~ q(t) and x_t: the mean of the objective "L" (weights
-    1 / q(t)) against sum_{t=1}^T L_{t-1} from ddpm.bound_term at every t (its own x_t draws),
+    1 / q(t)) against sum_{t=1}^T L_{t-1} from ddpm.eps_bound_terms at every t (its own x_t),
     within 5 standard errors. Without the weights the mean misses by far more."""
     s, n = ddpm.make_schedule("linear", 100), 20_000
     x0 = pixel_grid_image((1, 1, 4, 4), 2).expand(n, -1, -1, -1)
@@ -59,7 +59,7 @@ def test_the_training_estimate_of_L_is_unbiased_for_the_sum_of_eq_5():
     xt = ddpm.q_sample(x0, t, eps, s)
     cheap = table2.loss("L", toy_eps(xt, t), x0, xt, t, eps, w, s, "eps", "beta_tilde")
     every_t = torch.arange(1, 101).repeat_interleave(200)  # 200 images at each t
-    terms, _ = ddpm.bound_term(toy_eps, x0[: len(every_t)], every_t, s, gen(2))
+    terms, _ = ddpm.eps_bound_terms(toy_eps, x0[: len(every_t)], every_t, s, gen(2))
     per_t = terms[0].flatten(1).mean(1).view(100, 200)  # (t, draws): beta_tilde, nats/dim
     full = per_t.mean(1).sum()
     se = math.sqrt(cheap.var() / n + (per_t.var(1) / 200).sum())
@@ -68,10 +68,11 @@ def test_the_training_estimate_of_L_is_unbiased_for_the_sum_of_eq_5():
     assert abs(unweighted - full) > 20 * se
 
 
-def test_a_learned_sigma_of_beta_tilde_is_the_fixed_beta_tilde_bound():
+def test_a_learned_sigma_of_beta_tilde_is_the_fixed_beta_tilde_bound_and_eq_12s_weight():
     """A network whose variance channels output log beta_tilde_t (log beta_tilde_2 at t = 1) gives,
-    at every t, the same terms as the fixed sigma^2 = beta_tilde, and both are ddpm.bound_term's
-    (an independent code path) for the same x_t."""
+    at every t, the same terms as the fixed sigma^2 = beta_tilde, and those are ddpm.py's for the
+    eps-model; for t >= 2 they are eq. (12) written out here, beta_t^2 / (2 sigma_t^2 alpha_t
+    (1 - alpha_bar_t)) ||eps - eps_theta||^2 a dimension (no variance mismatch at beta_tilde)."""
     s = ddpm.make_schedule("linear", 1000)
     t = torch.arange(1, 1001)
     x0 = pixel_grid_image((1, 1, 4, 4), 4).expand(1000, -1, -1, -1)
@@ -81,11 +82,35 @@ def test_a_learned_sigma_of_beta_tilde_is_the_fixed_beta_tilde_bound():
     log_var = ddpm.gather(ddpm.sigma2_choice(s, "beta_tilde"), t, xt).log().expand_as(xt)
     learned = table2.reverse_process(torch.cat([eps_theta, log_var], 1), xt, t, s, "eps", "learned")
     fixed = table2.reverse_process(eps_theta, xt, t, s, "eps", "beta_tilde")
-    a = table2.bound_term(x0, xt, t, *learned[:2], s)
-    b = table2.bound_term(x0, xt, t, *fixed[:2], s)
-    reference, _ = ddpm.bound_term(toy_eps, x0, t, s, gen(5))  # draws the same eps from gen(5)
+    a = ddpm.bound_term(x0, xt, t, *learned[:2], s)
+    b = ddpm.bound_term(x0, xt, t, *fixed[:2], s)
+    reference, _ = ddpm.eps_bound_terms(toy_eps, x0, t, s, gen(5))  # the same eps from gen(5)
     assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)  # exp(log var) is var to rounding
     assert torch.allclose(a, reference[0], rtol=1e-9, atol=1e-12)
+    beta, alpha, ab = (v[2:].view(-1, 1, 1, 1) for v in (s.beta, s.alpha, s.alpha_bar))
+    weight = beta**2 / (2 * s.beta_tilde[2:].view(-1, 1, 1, 1) * alpha * (1 - ab))
+    eq_12 = weight * (eps - eps_theta)[1:] ** 2
+    assert torch.allclose(a[1:], eq_12, rtol=1e-6, atol=1e-12)
+
+
+def test_l_hybrid_s_bound_term_is_lam_times_an_unbiased_estimate_of_the_sum_of_eq_5():
+    """L_hybrid - L_simple at t ~ U{1..T} is lam T L_{t-1}: its mean over t (every t here, 30 draws
+    of x_t each, T = 50) is lam sum_{t=1}^T L_{t-1}, the sum from ddpm.eps_bound_terms at every t
+    on the same x_t (v = 0 is sigma^2 = beta_tilde). A weight off by T (lam alone) or by 1/T
+    fails by a factor of 50."""
+    T, n = 50, 30
+    s = ddpm.make_schedule("linear", T)
+    t = torch.arange(1, T + 1).repeat_interleave(n)
+    x0 = pixel_grid_image((1, 1, 4, 4), 3).expand(len(t), -1, -1, -1)
+    eps = torch.randn(x0.shape, generator=gen(6), dtype=F64)
+    xt = ddpm.q_sample(x0, t, eps, s)
+    out = torch.cat([toy_eps(xt, t), -torch.ones_like(xt)], 1)  # v = 0: beta_tilde
+    w = torch.ones(len(t), dtype=F64)
+    hybrid = table2.loss("hybrid", out, x0, xt, t, eps, w, s, "eps", "v")
+    simple = table2.loss("simple", out, x0, xt, t, eps, w, s, "eps", "v")
+    terms, _ = ddpm.eps_bound_terms(toy_eps, x0, t, s, gen(6))  # the same eps from gen(6)
+    full_sum = terms[0].flatten(1).mean(1).view(T, n).mean(1).sum()  # sum_t L_{t-1}, nats/dim
+    assert torch.isclose((hybrid - simple).mean(), table2.HYBRID_LAM * full_sum, rtol=1e-9)
 
 
 def test_l_hybrid_sends_the_bound_s_gradient_to_the_variance_only():
@@ -144,16 +169,15 @@ def test_the_l_simple_cell_is_ddpm_s_loss_draw_for_draw():
 
 def test_a_fixed_sigma_cell_samples_as_ddpm_s_algorithm_2_respaced_or_not():
     """sample_cell with a fixed Sigma, on all T = 50 steps and respaced to 10, equals ddpm.py's
-    Algorithm 2 on the same schedule (sampling_eps_model's respacing) draw for draw, for sigma^2 =
+    Algorithm 2 on the same schedule (respaced by sample_ddpm) draw for draw, for sigma^2 =
     beta and beta_tilde; a mu-network outputting eq. (11)'s mean of toy_eps samples the same."""
     s = ddpm.make_schedule("linear", 50)
 
     def mu_net(xt, t):  # the mean a mu-network would output for toy_eps on the full grid
-        return table2.mean_from_eps(toy_eps(xt, t), xt, t, s)
+        return ddpm.p_mean(xt, t, toy_eps(xt, t), s)
 
     for steps, sigma in ((None, "beta_tilde"), (10, "beta_tilde"), (10, "beta")):
-        sub, eps_model = ddpm.sampling_eps_model(as_net(toy_eps), s, steps=steps)
-        expected = ddpm.sample_ddpm(eps_model, sub, (6, 1, 2, 2), gen(4), sigma)
+        expected = ddpm.sample_ddpm(toy_eps, s, (6, 1, 2, 2), gen(4), steps, sigma2=sigma)
         for param, net in (("eps", toy_eps), ("mu", mu_net)):
             x = table2.sample_cell(net, s, (6, 1, 2, 2), gen(4), param, sigma, steps)
             assert torch.allclose(x.double(), expected.double(), atol=1e-5)
