@@ -65,3 +65,18 @@ def check_png(path, what):  # --out: a .png, in a folder that can be written
 def where(args, ckpt, run, n):  # the first line of a report: what was measured
     shipped = args.ckpt or "shipped in samples/"
     return f"{n} {run['dataset']} test images, checkpoint {shipped} at step {ckpt['step']}"
+
+
+def save_plot(path, draw, size=(6, 4)):
+    """draw(fig) on a matplotlib figure, then the .png written atomically. matplotlib is in
+    experiments/requirements.txt and imported here only: a script without --plot runs without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=size)
+    draw(fig)
+    fig.tight_layout()
+    ddpm.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)

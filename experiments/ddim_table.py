@@ -14,10 +14,11 @@ the digit S = T gives from the same x_T. OUT/eta.png: the first 8 samples at the
 eta (0, 0.2, 0.5, 1, sigma_hat): what eta does to the pixels.
 """
 
+import csv
 import os
 import time
 
-import common  # noqa: F401  (makes ddpm importable)
+import common
 import numpy as np
 import quality
 import torch
@@ -34,6 +35,14 @@ def sample_flags(S, eta):
 
 
 def ddim_table(args):
+    common.check_png(args.plot, "the plot of the table")
+    if args.results:  # a recorded table, drawn: nothing sampled or judged
+        if not args.plot:
+            raise ddpm.UserError(f"--results {args.results}: draws a table; give --plot FILE.png")
+        rows = read_results(args.results)
+        common.save_plot(args.plot, lambda fig: plot_table(fig, rows), (9, 3.8))
+        print(f"wrote {args.plot} from {len(rows)} rows of {args.results}")
+        return 0
     ckpt, _ = ddpm.load_checkpoint(args.ckpt or ddpm.SHIPPED, "cpu")  # a bad --ckpt: one line, now
     T = ckpt["config"]["train"]["T"]
     if max(args.steps) >= T:
@@ -45,6 +54,7 @@ def ddim_table(args):
     print("| S | eta | p > 0.9 | FD (x floor) | sampling time |")
     print("| --- | --- | --- | --- | --- |")
     cells = [(S, eta) for S in args.steps for eta in ETAS] + [(T, "0"), (T, "1")]
+    rows = []  # (S, eta, p > 0.9, FD, the floor's FD): OUT/results.csv
     for S, eta in cells:
         path = os.path.join(args.out, f"S{S}_eta{eta}.npz")
         seconds = "(sampled before)"
@@ -58,9 +68,14 @@ def ddim_table(args):
                 return code
             seconds = f"{time.time() - t0:.0f} s"
         sure, _, _, fd = quality.judge_images(clf, quality.load_images(path), reference)
+        rows.append((S, eta, sure, fd, floor))
         print(
             f"| {S} | {eta} | {sure:.1%} | {fd:.2f} ({fd / floor:.1f}x) | {seconds} |", flush=True
         )
+    results = os.path.join(args.out, "results.csv")
+    ddpm.atomic_write(results, lambda f: f.write(results_csv(rows).encode()))
+    if args.plot:
+        common.save_plot(args.plot, lambda fig: plot_table(fig, rows), (9, 3.8))
     steps = args.steps + [T]  # the rows of Fig. 5
     at_eta0 = {S: quality.load_images(os.path.join(args.out, f"S{S}_eta0.npz")) for S in steps}
     print(f"Fig. 5, eta = 0: each S against S = {T} from the same x_T")
@@ -81,6 +96,53 @@ def ddim_table(args):
     return 0
 
 
+COLUMNS = ["S", "eta", "p_confident", "fd", "floor_fd"]
+
+
+def results_csv(rows):
+    return "\n".join([",".join(COLUMNS)] + [",".join(map(str, row)) for row in rows]) + "\n"
+
+
+def read_results(path):  # the rows of a results.csv, as ddim_table wrote them
+    try:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError("no rows")
+        return [
+            (int(r["S"]), r["eta"], float(r["p_confident"]), float(r["fd"]), float(r["floor_fd"]))
+            for r in rows
+        ]
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        why = f"not a results.csv of ddim_table.py ({type(e).__name__})"
+        raise ddpm.UserError(f"--results {path}: {why}") from None
+
+
+def plot_table(fig, rows):
+    """DDIM Table 1 as two panels against S (log), a line per eta: the feature distance over the
+    floor's, and the confident share."""
+    for k, (column, label) in enumerate([(3, "feature distance / the floor's"), (2, "p > 0.9")], 1):
+        ax = fig.add_subplot(1, 2, k)
+        for eta in ETAS:
+            cell = sorted(
+                (r[0], r[column] / (r[4] if column == 3 else 1)) for r in rows if r[1] == eta
+            )
+            if cell:
+                ax.plot(
+                    *zip(*cell),
+                    marker="o",
+                    ms=3,
+                    label="sigma_hat" if eta == "hat" else f"eta = {eta}",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("S, steps")
+        ax.set_ylabel(label)
+        if column == 3:
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.suptitle("DDIM Table 1 on MNIST: quality against S, a line per eta")
+
+
 def save_rows(path, cells):  # the first 8 samples of each cell, a row a cell
     x = ddpm.to_model_range(torch.as_tensor(np.concatenate([c[:8] for c in cells])))
     ddpm.save_samples(path, x, nrow=8)
@@ -94,7 +156,9 @@ FLAGS = [
     ("--n", int, 300, ddpm.AT_LEAST_1, "samples a cell"),
     ("--guidance", float, 0.0, None, "0: the sampler alone, p(x) itself"),
     ("--seed", int, 0, None, "the same x_T in every cell"),
-    ("--out", str, "table", None, "a folder for the cells' .npz and the two pictures"),
+    ("--out", str, "table", None, "a folder for the cells' .npz, the two pictures, results.csv"),
+    ("--plot", str, None, None, "a .png of the table: quality against S, a line per eta"),
+    ("--results", str, None, None, "draw this results.csv (--plot), sampling nothing"),
 ]
 
 

@@ -100,6 +100,7 @@ def nll(args):
     device, precision, ckpt, model, run, sched = common.load(args)
     common.check_test_split(run, "nll: the bound")
     common.check_png(args.out, "the picture of x0_hat along the reverse process")
+    common.check_png(args.plot, "the rate-distortion plot")
     data, labels = ddpm.load_data(run["dataset"], args.data_dir, train=False)
     n = args.n or len(data)
     if n > len(data):
@@ -150,7 +151,12 @@ def nll(args):
     print(f"nll: {common.where(args, ckpt, run, n)}, {draws}")
     report_bound(nats, minus_log_p_y(ckpt, labels[:n], K), data[0].numel(), int(region.sum()), n_rd)
     mse = squared_error / (n_rd * data[0].numel())
-    report_rate_distortion(steps, rate / n_rd, mse, data[0].numel())
+    bits, rmse = report_rate_distortion(steps, rate / n_rd, mse, data[0].numel())
+    if args.plot:
+        common.save_plot(
+            args.plot, lambda fig: plot_rate_distortion(fig, steps, bits, rmse), (11, 3.4)
+        )
+        print(f"wrote {args.plot}")
     print(f"{time.time() - t0:.0f}s")
     return 0
 
@@ -212,9 +218,26 @@ def report_rate_distortion(steps, rate, mse, D):
     print(
         "rate and distortion (Section 4.3): t | rate, bits/dim, sigma^2 = beta_tilde, beta | RMSE"
     )
+    bits, rmse = rate / (D * math.log(2)), mse.sqrt()
     for j, step in enumerate(steps):
-        bits = rate[:, j] / (D * math.log(2))
-        print(f"  {step:5d} | {bits[0]:.4f} {bits[1]:.4f} | {mse[j].sqrt():.2f}")
+        print(f"  {step:5d} | {bits[0, j]:.4f} {bits[1, j]:.4f} | {rmse[j]:.2f}")
+    return bits, rmse
+
+
+def plot_rate_distortion(fig, steps, bits, rmse):
+    """DDPM Fig. 5's three panels: distortion and rate against the step t, distortion against
+    rate (sigma^2 = beta_tilde; the rate is what a receiver of x_t has paid, from t = T down)."""
+    panels = [
+        ("t", "distortion, RMSE on 0..255", steps, rmse),
+        ("t", "rate, bits/dim", steps, bits[0]),
+    ]
+    panels.append(("rate, bits/dim", "distortion, RMSE on 0..255", bits[0], rmse))
+    for k, (x_label, y_label, x, y) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, 3, k)
+        ax.plot(list(x), list(y), marker="o", ms=3)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+    fig.suptitle("Rate and distortion along the reverse process (DDPM Fig. 5), the shipped model")
 
 
 BF16_WHY = "fp32: bf16 raises the shipped model's bound by 0.04 bits/dim (experiments/README.md)"
@@ -231,6 +254,7 @@ FLAGS = common.system_flags(BF16_WHY) + [
     ),
     ("--batch-size", int, 64, ddpm.AT_LEAST_1, "test images per batch"),
     ("--out", str, None, None, "a .png of x0_hat along the reverse process (Fig. 6)"),
+    ("--plot", str, None, None, "a .png of the rate and distortion (Fig. 5)"),
 ]
 
 

@@ -26,6 +26,7 @@ Objectives, each a per-image loss in nats per dimension:
         arXiv:2303.09556, for eps-prediction), SNR_t = alpha_bar_t / (1 - alpha_bar_t).
 """
 
+import csv
 import math
 
 import common
@@ -269,6 +270,63 @@ def bound(args):
     return 0
 
 
+def plot(args):
+    """The grid's recorded results (--results, a .csv: cell, steps, bits_per_pixel, p_confident,
+    fd_over_floor) drawn as the bound against sample quality, the flows marked."""
+    common.check_png(args.plot, "the plot of the grid")
+    try:
+        with open(args.results) as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError("no rows")
+        points = [(r["cell"], int(r["steps"]), float(r["bits_per_pixel"])) for r in rows]
+        points = [
+            (*p, float(r["fd_over_floor"]), float(r["p_confident"])) for p, r in zip(points, rows)
+        ]
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise ddpm.UserError(
+            f"--results {args.results}: not a table2.py results .csv ({type(e).__name__})"
+        ) from None
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        for cell, steps, bpp, fd, sure in points:
+            long = steps > 4102
+            ax.scatter(
+                fd,
+                bpp,
+                marker="*" if long else "o",
+                s=60 if long else 25,
+                color="C1" if long else "C0",
+            )
+            ax.annotate(
+                f"{cell}{f' ({steps:,} steps)' if long else ''} {sure:.0%}",
+                (fd, bpp),
+                fontsize=6,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
+        for name, value in {"Residual Flows": 0.97, "RealNVP": 1.06}.items():
+            ax.axhline(value, color="gray", lw=0.8, ls=":")
+            ax.text(
+                ax.get_xlim()[0], value, f" {name} {value}", fontsize=6, color="gray", va="bottom"
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="feature distance / the floor's (samples; lower is better)",
+            ylabel="bound, bits per pixel (28 x 28)",
+        )
+        ax.set_title(
+            "DDPM Table 2 on MNIST: bound against sample quality (p > 0.9 in the labels)",
+            fontsize=9,
+        )
+
+    common.save_plot(args.plot, draw, (7, 4.5))
+    print(f"wrote {args.plot} from {len(points)} rows of {args.results}")
+    return 0
+
+
 TRAIN_FLAGS = ddpm.TRAIN_FLAGS + [("--cell", list(CELLS), "eps_simple", None, "Table 2's cell")]
 CKPT = ("--ckpt", str, None, None, "a checkpoint written by this script's train")
 SAMPLE_FLAGS = ddpm.SYSTEM_FLAGS + [
@@ -285,10 +343,15 @@ BOUND_FLAGS += [
     ("--t-draws", int, 4, ddpm.AT_LEAST_1, "t drawn per image from q(t) ~ t^-1.25"),
     ("--batch-size", int, 250, ddpm.AT_LEAST_1, "test images per batch"),
 ]
+PLOT_FLAGS = [
+    ("--results", str, "experiments/results/table2.csv", None, "the grid's recorded results"),
+    ("--plot", str, "table2.png", None, "the .png written"),
+]
 COMMANDS = {  # name: (what runs, what it does, its flags)
     "train": (train, "train a cell (ddpm.py train's flags, and --cell)", TRAIN_FLAGS),
     "sample": (sample, "Algorithm 2 with the cell's mean and variance", SAMPLE_FLAGS),
     "bound": (bound, "eq. (5) on the test split with the cell's variance", BOUND_FLAGS),
+    "plot": (plot, "the grid's recorded results as a picture: bound against quality", PLOT_FLAGS),
 }
 
 

@@ -68,7 +68,8 @@ def test_nll_prints_the_bound_of_both_branches_the_original_pixels_and_rate_dist
     d, ckpt = trained
     out = d / "progressive.png"
     command = f"nll --ckpt {ckpt} --data-dir {d} --n 20 --n-rd 8 --batch-size 8 --out {out}"
-    assert cli(command) == 0
+    assert cli(command, ["--plot", str(d / "rd.png")]) == 0
+    assert Image.open(d / "rd.png").size[0] > 500  # Fig. 5's three panels
     text = capsys.readouterr().out
     for what in ("own label", "no label, first 8", "over 1024 dimensions", "original 784-pixel"):
         assert what in text

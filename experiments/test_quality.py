@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import quality
 import reconstruct
+import shared_latent
 import table2
 import torch
+from PIL import Image
 
 from conftest import F64, gen, write_mnist
 
@@ -87,8 +89,52 @@ def test_the_ddim_table_samples_every_cell_then_resumes_from_its_files(trained, 
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and " s |" in r]
     assert len(rows) == 2 * 5 + 2 and rows[-1].startswith("| 20 | 1 |")
     assert os.path.exists(os.path.join(out, "fig5.png")) and os.path.exists(f"{out}/eta.png")
-    assert ddim_table.main([*argv, "--out", out]) == 0
+    assert ddim_table.main([*argv, "--out", out, "--plot", str(d / "t1.png")]) == 0
     assert capsys.readouterr().out.count("(sampled before)") == 12
+    assert os.path.getsize(d / "t1.png") > 1000  # drawn from the rows judged
+    results = os.path.join(out, "results.csv")  # and again from the rows recorded, nothing sampled
+    assert ddim_table.main(["--results", results, "--plot", str(d / "t1b.png")]) == 0
+    assert os.path.getsize(d / "t1b.png") > 1000 and "from 12 rows" in capsys.readouterr().out
+
+
+def test_table2_draws_its_recorded_results_and_refuses_another_file_in_one_line(tmp_path, capsys):
+    """table2.py plot: a results .csv of the grid as bound against quality; a file of other
+    columns is one line and exit code 2."""
+    good, bad = tmp_path / "grid.csv", tmp_path / "other.csv"
+    good.write_text("cell,steps,bits_per_pixel,p_confident,fd_over_floor\na,4102,1.2,0.5,9\n")
+    bad.write_text("S,eta\n10,0\n")
+    assert table2.main(["plot", "--results", str(good), "--plot", str(tmp_path / "g.png")]) == 0
+    assert os.path.getsize(tmp_path / "g.png") > 1000
+    capsys.readouterr()
+    for results in (bad, tmp_path / "missing.csv"):
+        assert (
+            table2.main(["plot", "--results", str(results), "--plot", str(tmp_path / "b.png")]) == 2
+        )
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "b.png")
+
+
+def test_shared_latent_draws_a_row_per_t_from_one_x_t(trained, capsys):
+    """DDPM Fig. 7's grid: a row per t of the digit, x_t and --n draws; at t = 1 every draw is the
+    one noiseless step from the same x_1, so the draws are the same image, while from t = T they
+    are not."""
+    d, ckpt = trained
+    out = d / "shared.png"
+    argv = ["--ckpt", ckpt, "--data-dir", str(d), "--n", "3", "--out", str(out)]
+    assert shared_latent.main([*argv, "--t", "20,1"]) == 0
+    grid = np.asarray(Image.open(out).convert("L"))
+    assert grid.shape == (2 * 34 + 2, 5 * 34 + 2)
+
+    def draws(row):  # the --n draws of a row, each 32 x 32
+        return [grid[2 + 34 * row :][:32, 2 + 34 * c :][:, :32] for c in range(2, 5)]
+
+    from_T, from_1 = draws(0), draws(1)
+    assert all(np.array_equal(from_1[0], x) for x in from_1[1:])  # x_1's last step adds no noise
+    assert not all(np.array_equal(from_T[0], x) for x in from_T[1:])
+    assert shared_latent.main([*argv, "--t", "21"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--t 21" in err
 
 
 def bad_files(d):  # a corrupt file of each kind a command reads, and a path that does not exist
@@ -109,8 +155,11 @@ CKPT_COMMANDS = [  # each with a missing and with a corrupt file at {bad}
     "quality judge --clf {bad} --data-dir {d}",
     "ddim_table --clf {bad} --data-dir {d}",
     "ddim_table --clf {clf} --ckpt {bad} --data-dir {d}",
+    "shared_latent --ckpt {bad} --data-dir {d}",
 ]
 OTHER_FILES = [
+    "ddim_table --results {d}/corrupt.npz --plot {d}/t.png --data-dir {d}",
+    "ddim_table --results {d}/corrupt.npz --data-dir {d}",
     "interpolate --pair {d}/corrupt.png,1 --data-dir {d}",
     "quality judge --clf {clf} {d}/corrupt.npz --data-dir {d}",
     "quality judge --clf {clf} {d}/wrong.npz --data-dir {d}",
@@ -131,6 +180,7 @@ def test_every_command_answers_a_missing_or_corrupt_file_in_one_line(clf, capsys
     script, *argv = command.format(bad=files.get(bad), d=d, clf=path).split()
     mains = dict(nll=nll.main, reconstruct=reconstruct.main, interpolate=interpolate.main)
     mains.update(table2=table2.main, quality=quality.main, ddim_table=ddim_table.main)
+    mains.update(shared_latent=shared_latent.main)
     assert mains[script](argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
