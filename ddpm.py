@@ -826,8 +826,9 @@ def pick_device(name, precision):
     if (device.index or 0) >= count:
         raise UserError(f"--device {name}: this machine has {count} {device.type} device(s)")
     if precision == "auto":
-        native = has_native_bf16(device)
-        precision = "bf16" if native else "fp16" if device.type == "cuda" else "fp32"
+        precision = "fp16" if device.type == "cuda" else "fp32"
+        if has_native_bf16(device):
+            precision = "bf16"
     return device, precision
 
 
