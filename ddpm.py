@@ -744,9 +744,9 @@ def check_writable(path):  # before hours of work, not after
         raise UserError(f"cannot write {path}: its folder is missing or not writable")
 
 
-def save_checkpoint(path, config, model, ema, opt, step):
+def save_checkpoint(path, config, model, ema, opt, step, **extra):  # extra: a script's own state
     state = dict(config=config, model=model.state_dict(), ema=ema.model.state_dict())
-    state.update(opt=opt.state_dict(), step=step, ema_n=ema.n)
+    state.update(opt=opt.state_dict(), step=step, ema_n=ema.n, **extra)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -1288,13 +1288,14 @@ def main(argv=None):
 
 
 # What experiments/ uses of this file, and nothing else (test_ddpm.py checks): the papers' math,
-# the samplers and their eps-model, the run and its files, and the command line.
-__all__ = """make_schedule gather q_sample predict_x0 q_posterior p_mean noise_like SIGMA2
-sigma2_choice prior_kl bound_term eps_bound_terms respace initial_noise sample_ddim ddim_encode
-slerp ddpm_mix guided counted unconditional_labels UserError load_data DATASETS to_model_range
-to_pixels save_samples atomic_write check_writable load_checkpoint SHIPPED pick_device autocast
-Progress train run_config main command_line SYSTEM_FLAGS TRAIN_FLAGS PRECISIONS comma_ints
-AT_LEAST_0 AT_LEAST_1 AT_LEAST_2""".split()
+# Algorithm 1's parts, the samplers and their eps-model, the run and its files, the command line.
+__all__ = """make_schedule gather q_sample predict_x0 q_posterior p_mean noise_like EMA
+make_optimizer train_step SIGMA2 sigma2_choice prior_kl bound_term eps_bound_terms respace
+initial_noise sample_ddim ddim_encode slerp ddpm_mix make_net drop_labels guided clipped counted
+unconditional_labels UserError load_data DATASETS to_model_range to_pixels save_samples
+atomic_write check_writable save_checkpoint load_checkpoint SHIPPED pick_device autocast Progress
+stop_signals train run_config main command_line SYSTEM_FLAGS TRAIN_FLAGS PRECISIONS comma_ints
+comma_floats AT_LEAST_0 AT_LEAST_1 AT_LEAST_2 ABOVE_0 FINITE""".split()
 
 if __name__ == "__main__":
     sys.exit(main())
