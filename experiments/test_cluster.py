@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ddpm
-from conftest import F64, TINY, cli, gen
+from conftest import F64, TINY, cli, gen, write_mnist
 
 MEANS = torch.tensor([[-0.6, 0.5], [0.7, -0.4]], dtype=F64)  # two clusters of 2-D points
 S = 0.1  # their standard deviation
@@ -227,3 +227,32 @@ def test_help_lists_train_and_evaluate(capsys):
         cluster.main(["--help"])
     out = capsys.readouterr().out
     assert "train" in out and "evaluate" in out
+
+
+def test_the_shipped_cluster_model_is_small_half_precision_and_knows_its_clusters(tmp_path, capsys):
+    """samples/cluster.pt (experiments/README.md: the headline run's EMA weights) is what evaluate
+    uses on a fresh clone: fp16, 10 clusters, no paths of the machine that trained it.
+    evaluate runs on it; DDIM samples of a cluster go back to it more often than chance."""
+    assert os.path.getsize(cluster.SHIPPED) <= 8_000_000
+    state = torch.load(cluster.SHIPPED, weights_only=True)
+    assert set(state) == {"config", "ema", "step"}
+    assert all(v.dtype == torch.float16 for v in state["ema"].values())
+    run, pi = state["config"]["train"], torch.tensor(state["config"]["label_freq"])
+    assert run["clusters"] == 10 and not {"data_dir", "out", "resume"} & set(run)
+    assert len(pi) == 10 and pi.sum() == pytest.approx(1, abs=1e-5)  # Sinkhorn's pi: not 1/Q
+    write_mnist(tmp_path, n=20)
+    capsys.readouterr()
+    assert cluster.main(["evaluate", "--data-dir", str(tmp_path), "--n", "20", "--draws", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusion EM: accuracy" in out and "k-means" in out and "cluster -> digit" in out
+    _, model = ddpm.load_checkpoint(cluster.SHIPPED, torch.device("cpu"))
+    sched = ddpm.make_schedule(run["schedule"], run["T"])
+    q = torch.arange(10).repeat(2)
+    with torch.inference_mode():
+        x = ddpm.sample_ddim(
+            ddpm.clipped(ddpm.guided(model, q, 0), sched), sched, (20, 1, 32, 32), gen(0), 20
+        )
+    log_pi = pi.double().log()
+    pred = cluster.assign(model, ddpm.to_pixels(x), sched, run, log_pi, 2, "fp32", gen(1))
+    # measured 0.35 (7 of 20); a network that ignored q would put all 20 in pi's largest: 0.1
+    assert (torch.from_numpy(pred) == q).float().mean() >= 0.25
